@@ -1,0 +1,20 @@
+# The two commands a newcomer runs (README): `make demo` and `make test`. Both set up first.
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint fmt smoke
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PYTHON) -m sempa_dist.demo
+
+test: setup lint
+	$(PYTHON) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+lint:
+	$(PYTHON) -m ruff check .
+
+fmt:
+	$(PYTHON) -m ruff format . && $(PYTHON) -m ruff check --fix .

@@ -1,0 +1,87 @@
+"""Per-sequence log-probs of response tokens, without ever holding [tokens, vocab] logits.
+
+Only positions whose next token is a response token are scored (a SemPA sequence is mostly
+prompt, so this alone skips most of the LM-head work). Those positions go through the LM head in
+chunks of ``chunk_tokens``; under autograd each chunk is checkpointed, so backward recomputes
+one chunk's logits at a time instead of keeping them all. The LM head is called as a module, so
+under ZeRO-3 its partitioned weight is gathered by DeepSpeed's hooks in forward and recompute.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sempa_dist.attention import attention_inputs
+from sempa_dist.packing import PackedBatch
+
+
+def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    # gather - logsumexp: one [chunk, vocab] tensor instead of log_softmax's second one
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Module, chunk_tokens: int) -> torch.Tensor:
+    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N], in chunks of `chunk_tokens` rows."""
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h, t = hidden[start : start + chunk_tokens], ids[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
+        else:
+            parts.append(_chunk_logprobs(head, h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def sequence_logprobs(
+    hidden: torch.Tensor, batch: PackedBatch, head: nn.Module, chunk_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of response-token log-probs and response-token count per sequence: ([S], [S])."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    seq = batch.target_seq.reshape(-1)
+    pos = (seq >= 0).nonzero().squeeze(1)
+    token_lp = chunked_token_logprobs(flat[pos], batch.target_ids.reshape(-1)[pos], head, chunk_tokens)
+    n = batch.num_sequences
+    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, seq[pos], token_lp)
+    counts = torch.bincount(seq[pos], minlength=n)
+    return sums, counts
+
+
+def unwrap_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers CausalLM inside a peft wrapper (LoRA layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+class SequenceScorer(nn.Module):
+    """Wraps a causal LM so that ONE forward (the one DeepSpeed sees) returns per-sequence log-probs.
+
+    Keeping decoder + chunked LM head inside a single root forward lets ZeRO-3's parameter
+    hooks see the whole computation, including the LM-head recompute in backward.
+    """
+
+    def __init__(self, model: nn.Module, attn_implementation: str, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.attn_implementation = attn_implementation
+        self.chunk_tokens = chunk_tokens
+
+    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        lm = unwrap_causal_lm(self.model)
+        kw = attention_inputs(batch, self.attn_implementation, dtype=next(lm.parameters()).dtype)
+        return lm.get_decoder()(input_ids=batch.input_ids, use_cache=False, **kw).last_hidden_state
+
+    def forward(self, batch: PackedBatch, disable_adapter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = contextlib.nullcontext()
+        if disable_adapter:
+            if not hasattr(self.model, "disable_adapter"):
+                raise RuntimeError("disable_adapter=True needs a peft (LoRA) model")
+            ctx = self.model.disable_adapter()
+        with ctx:
+            hidden = self.hidden_states(batch)
+            head = unwrap_causal_lm(self.model).get_output_embeddings()
+            return sequence_logprobs(hidden, batch, head, self.chunk_tokens)
