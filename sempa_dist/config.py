@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,6 +180,12 @@ class Config:
                 f"packing.max_tokens: {p.max_tokens} cannot hold one example (1 + data.num_rejected={d.num_rejected} "
                 f"sequences of up to data.max_length={d.max_length} tokens); raise it or lower data.max_length"
             )
+        if t.max_steps is None and t.num_epochs <= 0:
+            raise ConfigError(f"train.num_epochs: must be > 0 when train.max_steps is null, got {t.num_epochs}")
+        if d.max_examples is not None and d.max_examples <= 0:
+            raise ConfigError(f"data.max_examples: must be > 0 or null, got {d.max_examples}")
+        if world_size is not None and world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size is not None and t.global_batch_size % world_size:
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by the world size {world_size}"
@@ -221,7 +228,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
+        if _is_str_field(key.strip()) and parsed is not None and not isinstance(parsed, str):
+            parsed = value  # text fields take the text as typed: `data.template=Say: "{sentence}"` is no YAML mapping
         _set_dotted(raw, key.strip(), parsed, item)
+        parts = key.strip().split(".")
+        for n in range(1, len(parts)):  # sections an override creates point at it too
+            lines.setdefault(".".join(parts[:n]), f"command line ({item})")
         lines[key.strip()] = f"command line ({item})"
     return _build(Config, raw, "", lines)
 
@@ -245,7 +257,24 @@ def _set_dotted(raw: dict[str, Any], key: str, value: Any, item: str) -> None:
     cur[parts[-1]] = value
 
 
+def _is_str_field(key: str) -> bool:
+    """Whether dotted `key` names a str (or str | None) field of Config."""
+    cls: Any = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+            return False
+        tp = typing.get_type_hints(cls).get(part)
+        if tp is None:
+            return False
+        if i == len(parts) - 1:
+            return tp is str or (get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)})
+        cls = tp
+    return False
+
+
 def _where(lines: dict[str, str], key: str) -> str:
+    key = re.sub(r"(\[\d+\])+$", "", key)  # a list item is reported at its list's line
     return f"{lines[key]}: " if key in lines else ""
 
 
@@ -305,6 +334,8 @@ def _coerce(tp: Any, value: Any, key: str, lines: dict[str, str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -313,6 +344,9 @@ def _coerce(tp: Any, value: Any, key: str, lines: dict[str, str]) -> Any:
             return str(value)
         raise bad
     raise bad
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _type_name(tp: Any) -> str:

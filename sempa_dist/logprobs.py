@@ -10,6 +10,7 @@ under ZeRO-3 its partitioned weight is gathered by DeepSpeed's hooks in forward 
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -57,6 +58,12 @@ def unwrap_causal_lm(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+class Scores(NamedTuple):
+    sums: torch.Tensor  # [S] summed response-token log-probs per sequence
+    counts: torch.Tensor  # [S] response tokens per sequence
+    anchor: torch.Tensor  # scalar 0 that depends on every parameter used (see SequenceScorer.forward)
+
+
 class SequenceScorer(nn.Module):
     """Wraps a causal LM so that ONE forward (the one DeepSpeed sees) returns per-sequence log-probs.
 
@@ -75,7 +82,10 @@ class SequenceScorer(nn.Module):
         kw = attention_inputs(batch, self.attn_implementation, dtype=next(lm.parameters()).dtype)
         return lm.get_decoder()(input_ids=batch.input_ids, use_cache=False, **kw).last_hidden_state
 
-    def forward(self, batch: PackedBatch, disable_adapter: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, batch: PackedBatch, disable_adapter: bool = False) -> Scores:
+        """Per-sequence log-probs. `anchor` is an exact zero wired to the decoder and the LM head:
+        adding it to the loss makes a dummy (empty) micro-batch produce gradients for every
+        parameter, as its peers' do, which ZeRO-3's per-parameter reduction hooks require."""
         ctx = contextlib.nullcontext()
         if disable_adapter:
             if not hasattr(self.model, "disable_adapter"):
@@ -84,4 +94,10 @@ class SequenceScorer(nn.Module):
         with ctx:
             hidden = self.hidden_states(batch)
             head = unwrap_causal_lm(self.model).get_output_embeddings()
-            return sequence_logprobs(hidden, batch, head, self.chunk_tokens)
+            sums, counts = sequence_logprobs(hidden, batch, head, self.chunk_tokens)
+            if batch.num_sequences == 0:
+                first = chunked_token_logprobs(hidden[0, :1], batch.input_ids[0, :1], head, self.chunk_tokens)
+                anchor = first.sum() * 0.0
+            else:
+                anchor = sums.sum() * 0.0
+            return Scores(sums, counts, anchor)

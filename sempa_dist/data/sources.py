@@ -77,6 +77,8 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             line = _decode(raw, path, lineno).strip()
+            if lineno == 1:
+                line = line.lstrip("\ufeff")  # a UTF-8 byte order mark
             if not line:
                 continue
             try:
@@ -121,12 +123,18 @@ def _tabular(cfg: DataConfig):
             with open(path, "rb") as fh:
                 raw = fh.readlines()[bad - 1]
             _decode(raw, path, bad)
-        kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+        where = str(path)
+        if builder == "json" and _is_json_lines(path):
+            # Read JSON lines ourselves: row numbers stay file lines (HF skips blank lines), a bad line
+            # is one bad row rather than an opaque parser failure of the whole file.
+            return _json_lines(path, cols, cfg)
+        kwargs: dict[str, Any] = {}
+        if builder == "csv":  # keep "NA", "null", "None" ... as text; an empty cell is an empty sentence
+            kwargs = {"keep_default_na": False, **({"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {})}
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
         except Exception as e:  # noqa: BLE001 - turn any parser failure into one clear error
             raise DataError(f"{path}: could not be parsed as {builder}: {type(e).__name__}: {e}") from None
-        where = str(path)
         first_row = 2 if builder == "csv" else 1  # CSV row 1 is the header
     else:
         try:
@@ -147,7 +155,39 @@ def _tabular(cfg: DataConfig):
         if len(rejected) == 1 and isinstance(rejected[0], list):
             rejected = rejected[0]
         rows.append((i + first_row, rec[cfg.anchor_column], rec[cfg.chosen_column], rejected))
-    return rows, where, report, ("anchor", "chosen", "rejected") if cfg.source == "hub" else cols
+    return rows, where, report, cols
+
+
+def _is_json_lines(path: Path) -> bool:
+    """.jsonl, or a .json file whose first non-blank character opens an object (not a JSON array)."""
+    if path.suffix.lower() == ".jsonl":
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"{")
+
+
+def _json_lines(path: Path, cols, cfg: DataConfig):
+    where, report = str(path), LoadReport(str(path))
+    records = _read_jsonl_rows(path)
+    names = list(dict.fromkeys(k for _, rec in records if isinstance(rec, dict) for k in rec))
+    missing = [c for c in cols if c not in names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; the file has {names} (set data.*_column)")
+    rows = []
+    for lineno, rec in records:
+        if not isinstance(rec, dict):
+            msg = f"{where}:{lineno}: not a JSON object: {_show(rec)}"
+            if cfg.on_bad_row == "error":
+                raise DataError(msg + " (set data.on_bad_row=skip to skip such rows)")
+            report.rows_read += 1
+            report.drop("not a JSON object", msg)
+            continue
+        rejected = [rec.get(c) for c in cfg.rejected_columns]
+        if len(rejected) == 1 and isinstance(rejected[0], list):
+            rejected = rejected[0]
+        rows.append((lineno, rec.get(cfg.anchor_column), rec.get(cfg.chosen_column), rejected))
+    return rows, where, report, cols
 
 
 def _validate(rows, where: str, cols, cfg: DataConfig, report: LoadReport) -> list[dict[str, Any]]:
@@ -200,9 +240,22 @@ def _complete(triplets: list[dict[str, Any]], cfg: DataConfig, seed: int, report
     rng = random.Random(seed)
     for i, t in enumerate(triplets):
         rej = t["rejected"][:k]
+        tries = 0
         while len(rej) < k:
             if len(triplets) < 2:
                 raise DataError(f"{report.source}: cannot find {k} rejected sentences for a single example")
+            tries += 1
+            if tries > 20 * k:  # few distinct sentences: draw from the exact pool, or fail instead of looping forever
+                pool = sorted({o["chosen"] for o in triplets} - {t["chosen"], *rej})
+                need = k - len(rej)
+                if len(pool) < need:
+                    raise DataError(
+                        f"{report.source}: example {i + 1} has only {len(rej) + len(pool)} distinct rejected sentences "
+                        f"(its own plus other examples' chosen ones), fewer than data.num_rejected={k}; lower it"
+                    )
+                rej.extend(rng.sample(pool, need))
+                report.random_negatives += need
+                break
             j = rng.randrange(len(triplets) - 1)
             j = j + 1 if j >= i else j  # never the example itself
             cand = triplets[j]["chosen"]
@@ -236,7 +289,7 @@ def _snli(cfg: DataConfig, seed: int) -> tuple[list[dict[str, Any]], LoadReport]
         raise DataError(f"{root}: s1/s2/labels.{cfg.split} have different line counts {len(s1)}/{len(s2)}/{len(labels)}")
     report = LoadReport(str(root))
     groups: dict[str, dict[str, list[str]]] = {}
-    for n, (p, h, lab) in enumerate(zip(s1, s2, labels), 1):
+    for n, (p, h, lab) in enumerate(zip(s1, s2, labels, strict=True), 1):
         report.rows_read += 1
         lab = lab.strip()
         if lab not in ("entailment", "neutral", "contradiction"):

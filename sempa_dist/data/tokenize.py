@@ -80,7 +80,7 @@ def tokenize_triplets(
         prompts = [render_prompt(tokenizer, a, cfg) for a in batch["anchor"]]
         prompt_ids = tokenizer(prompts, add_special_tokens=use_bos)["input_ids"]
         out_p, out_r, status = [], [], []
-        for p, chosen, rejected in zip(prompt_ids, batch["chosen"], batch["rejected"]):
+        for p, chosen, rejected in zip(prompt_ids, batch["chosen"], batch["rejected"], strict=True):
             texts = [chosen, *rejected]
             resp = [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
             room = cfg.max_length - len(p)
@@ -108,7 +108,7 @@ def tokenize_triplets(
     )
     examples = [
         TokenizedExample(p, r, i)
-        for i, (p, r, s) in enumerate(zip(ds["prompt_ids"], ds["responses"], status))
+        for i, (p, r, s) in enumerate(zip(ds["prompt_ids"], ds["responses"], status, strict=True))
         if s != "dropped"
     ]
     report.kept = len(examples)

@@ -1,0 +1,183 @@
+"""The SemPA training loop. Reads top to bottom:
+
+config -> data -> packing plan -> engines -> log-probs -> loss -> step -> checkpoint -> export.
+
+Run with a launcher (torchrun, deepspeed, srun) as ``python -m sempa_dist.train CONFIG [k=v ...]``
+or through ``sempa-train``, which also spawns the processes itself on one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from sempa_dist import checkpoint
+from sempa_dist.config import Config, load_config
+from sempa_dist.data import load_triplets, tokenize_triplets
+from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from sempa_dist.engines import build_policy, build_reference
+from sempa_dist.loss import preference_loss
+from sempa_dist.models import load_tokenizer
+from sempa_dist.packing import build_batch, plan_step
+
+METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
+
+
+def prepare_data(cfg: Config, dist: DistInfo):
+    """Triplets -> tokenised examples. Rank 0 goes first so the others reuse its tokenisation cache."""
+    tokenizer = load_tokenizer(cfg.model.name) if dist.is_main else None
+    if not dist.is_main:
+        barrier()
+        tokenizer = load_tokenizer(cfg.model.name)
+    triplets, load_report = load_triplets(cfg.data, seed=cfg.train.seed)
+    examples, tok_report = tokenize_triplets(triplets, tokenizer, cfg.data)
+    if dist.is_main:
+        barrier()
+    return tokenizer, examples, load_report, tok_report
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Example order of one epoch: a function of seed and epoch only, never of the world size."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quiet_library_warnings() -> None:
+    """DeepSpeed calls torch collectives torch has renamed: one FutureWarning per call floods the log."""
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    quiet_library_warnings()
+    dist = init_distributed(cfg.deepspeed.timeout_s)
+    cfg.validate(world_size=dist.world_size)
+    out_dir = Path(cfg.train.output_dir)
+    if dist.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t_start = time.time()
+
+    # data
+    tokenizer, examples, load_report, tok_report = prepare_data(cfg, dist)
+    B = cfg.train.global_batch_size
+    steps_per_epoch = len(examples) // B
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
+    sizes = [ex.num_tokens for ex in examples]
+
+    # engines
+    policy, ds_config = build_policy(cfg, dist, total_steps)
+    reference = build_reference(cfg, dist, policy, examples, tok_report.fingerprint)
+
+    # resume
+    start_step, state = 0, {}
+    resume_from = checkpoint.find_resume(cfg.train.resume, out_dir)
+    if resume_from is not None:
+        state = checkpoint.load(policy, resume_from)
+        start_step = state["step"]
+        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if dist.is_main:
+            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    history: list[dict[str, float]] = []
+    policy.train()
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        epoch, pos = divmod(step, steps_per_epoch)
+        ids = epoch_order(len(examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
+        plan = plan_step([sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
+        sums = torch.zeros(len(METRICS) + 3, dtype=torch.float64)  # metrics..., real tokens, total tokens, examples
+        for m, micro in enumerate(plan):
+            batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id)
+            batch = batch.to(dist.device)
+            policy.set_gradient_accumulation_boundary(m == len(plan) - 1)
+            out = policy(batch)
+            ref_sums, ref_counts = reference.logps(batch)
+            k1 = batch.responses_per_example
+            pol, ref = out.sums.view(-1, k1), ref_sums.to(out.sums).view(-1, k1)
+            if cfg.loss.type == "ipo":  # IPO scores length-normalised log-probs
+                pol = pol / out.counts.view(-1, k1).clamp(min=1)
+                ref = ref / ref_counts.to(ref).view(-1, k1).clamp(min=1)
+            losses, metrics = preference_loss(pol, ref, cfg.loss.beta, cfg.loss.type, cfg.loss.label_smoothing)
+            # mean over the GLOBAL batch: DeepSpeed averages gradients over ranks, so scale by world / B
+            loss = losses.sum() * (dist.world_size / B) + out.anchor
+            policy.backward(loss, scale_wrt_gas=False)
+            with torch.no_grad():
+                sums[0] += losses.sum().item()
+                for j, name in enumerate(METRICS[1:], 1):
+                    sums[j] += metrics[name].sum().item()
+                sums[-3] += batch.real_tokens if micro else 0
+                sums[-2] += batch.total_tokens
+                sums[-1] += batch.num_examples
+        policy.step()
+        totals = all_reduce_sum(sums.to(dist.device)).cpu()
+        dt = time.time() - t0
+        row = {name: float(totals[j] / totals[-1]) for j, name in enumerate(METRICS)}
+        row.update({
+            "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": float(policy.get_global_grad_norm() or 0.0),
+            "tokens_per_s": float(totals[-3] / dt), "pad_fraction": float(1 - totals[-3] / totals[-2]),
+            "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
+        })
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if dist.is_main and (step + 1) % cfg.train.log_every == 0:
+            with open(out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        last = step + 1 == total_steps
+        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            state = {"step": step + 1, "epoch": epoch, "world_size": dist.world_size,
+                     "examples_seen": (step + 1) * B, "torch_rng": torch.get_rng_state().tolist()}
+            tag_dir = checkpoint.save(policy, out_dir, step + 1, state, dist, cfg.train.keep_checkpoints)
+    bar.close()
+
+    # log-probs of a fixed probe batch under the final policy: `sempa-export` output must reproduce them
+    policy.eval()
+    probe = build_batch(examples[:4], cfg.packing.layout, tokenizer.pad_token_id).to(dist.device)
+    with torch.no_grad():
+        probe_sums = policy(probe).sums.float().cpu().tolist()
+
+    summary: dict[str, Any] = {
+        "final": history[-1] if history else {},
+        "steps": total_steps, "start_step": start_step, "world_size": dist.world_size,
+        "examples": len(examples), "data": {"load": load_report.__dict__, "tokenize": tok_report.__dict__},
+        "time_s": time.time() - t_start, "config": cfg.to_dict(),
+        "probe": {"example_ids": probe.example_ids, "sums": probe_sums},
+    }
+    if dist.is_main and cfg.train.export and history:
+        summary["export"] = str(checkpoint.export(tag_dir, out_dir / "export", cfg, cfg.train.merge_lora))
+    barrier()
+    if dist.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and "=" not in argv[0] else None
+    overrides = argv[1:] if path else argv
+    cfg = load_config(path, overrides).validate(world_size=int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

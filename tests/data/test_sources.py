@@ -1,0 +1,616 @@
+"""sempa_dist.data.sources: every source -> validated triplets with exactly K rejected, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sempa_dist.config import DataConfig
+from sempa_dist.data import DataError, data_dir, load_triplets
+from sempa_dist.data.sources import MAX_SENTENCE_CHARS, bundled_path
+
+HEADER = ["sent0", "sent1", "hard_neg"]
+
+
+def cfg(**kw) -> DataConfig:
+    return DataConfig(**kw)
+
+
+def file_cfg(path: Path, **kw) -> DataConfig:
+    return DataConfig(source="file", path=str(path), **kw)
+
+
+def write_csv(path: Path, rows: list[list[str]], header=HEADER, delimiter=",") -> Path:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def bundled_rows() -> list[dict]:
+    with open(bundled_path(), encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+GOOD = [
+    ["A man is playing a guitar.", "Someone plays a guitar.", "A man is sleeping."],
+    ["Two dogs run in a park.", "A pair of dogs is running outdoors.", "Two cats sit on a sofa."],
+    ["The girl reads a book.", "A book is being read by a girl.", "The girl is swimming."],
+    ["A chef cooks pasta.", "Pasta is being cooked by a chef.", "A chef washes dishes."],
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundled set and K
+
+
+def test_bundled_loads_320_rows_with_three_rejected():
+    rows = bundled_rows()
+    assert len(rows) == 320 and all(len(r["rejected"]) == 3 for r in rows)
+    triplets, report = load_triplets(cfg(num_rejected=3), seed=0)
+    assert len(triplets) == 320
+    assert report.source == "bundled"
+    assert (report.rows_read, report.kept, report.random_negatives) == (320, 320, 0)
+    assert report.dropped == {} and report.first_bad == []
+    for t, r in zip(triplets, rows, strict=True):
+        assert t == {"anchor": r["anchor"], "chosen": r["chosen"], "rejected": r["rejected"]}
+
+
+def test_bundled_k1_takes_the_first_rejected():
+    triplets, report = load_triplets(cfg(num_rejected=1))
+    assert [t["rejected"] for t in triplets] == [[r["rejected"][0]] for r in bundled_rows()]
+    assert report.random_negatives == 0 and report.kept == 320
+
+
+def test_bundled_k5_fills_with_other_examples_chosen():
+    rows = bundled_rows()
+    own_chosen = [r["chosen"] for r in rows]
+    all_chosen = set(own_chosen)
+    triplets, report = load_triplets(cfg(num_rejected=5), seed=7)
+    assert report.random_negatives == 320 * 2
+    for t, r in zip(triplets, rows, strict=True):
+        assert len(t["rejected"]) == 5
+        assert t["rejected"][:3] == r["rejected"]  # the example's own rejected come first
+        fills = t["rejected"][3:]
+        assert all(f in all_chosen for f in fills)  # other examples' chosen sentences ...
+        assert t["chosen"] not in t["rejected"]  # ... never its own chosen
+        assert len(set(t["rejected"])) == 5  # and no duplicates
+    again, report2 = load_triplets(cfg(num_rejected=5), seed=7)
+    assert again == triplets and report2.random_negatives == 640
+    other, _ = load_triplets(cfg(num_rejected=5), seed=8)
+    assert [t["rejected"] for t in other] != [t["rejected"] for t in triplets]
+    assert [t["rejected"][:3] for t in other] == [t["rejected"][:3] for t in triplets]
+
+
+def test_max_examples_cuts_before_filling():
+    triplets, report = load_triplets(cfg(num_rejected=4, max_examples=10), seed=0)
+    assert len(triplets) == 10 and report.kept == 10
+    assert report.rows_read == 320
+    assert report.random_negatives == 10
+    chosen = {t["chosen"] for t in triplets}
+    assert all(t["rejected"][3] in chosen - {t["chosen"]} for t in triplets)  # fills come from the kept 10
+
+
+# ----------------------------------------------------------------------------------------------
+# File formats
+
+
+def test_csv_with_custom_column_names(tmp_path):
+    path = write_csv(
+        tmp_path / "pairs.csv",
+        [[" A man, smiling, waves. ", "Someone waves.", "A man frowns.", "A woman waves."],
+         ["Kids play football.", "Children play soccer.", "Kids sleep.", "Adults play football."],
+         ["Rain falls on the city.", "It is raining in town.", "The sun shines.", "Snow falls on the city."]],
+        header=["premise", "para", "neg1", "neg2"],
+    )
+    c = file_cfg(path, anchor_column="premise", chosen_column="para", rejected_columns=["neg1", "neg2"], num_rejected=2)
+    triplets, report = load_triplets(c)
+    assert triplets == [
+        {"anchor": "A man, smiling, waves.", "chosen": "Someone waves.", "rejected": ["A man frowns.", "A woman waves."]},
+        {"anchor": "Kids play football.", "chosen": "Children play soccer.", "rejected": ["Kids sleep.", "Adults play football."]},
+        {"anchor": "Rain falls on the city.", "chosen": "It is raining in town.", "rejected": ["The sun shines.", "Snow falls on the city."]},
+    ]
+    assert (report.source, report.rows_read, report.kept, report.random_negatives) == (str(path), 3, 3, 0)
+
+
+def test_csv_keeps_na_like_text_and_reports_empty_cells(tmp_path):
+    # pandas would turn "NA"/"null"/"None" into missing values; they are sentences here.
+    path = write_csv(tmp_path / "na.csv", [["NA", "null", "None"], ["x", "", "z"], *GOOD[:2]])
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    assert str(ei.value).startswith(f"{path}:3: column 'sent1': empty sentence: ''")
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert triplets[0] == {"anchor": "NA", "chosen": "null", "rejected": ["None"]}
+    assert len(triplets) == 3 and report.dropped == {"empty sentence": 1}
+
+
+def test_tsv(tmp_path):
+    path = write_csv(tmp_path / "pairs.tsv", [["a, with comma", "b", "c"], ["d", "e", "f"]], delimiter="\t")
+    triplets, report = load_triplets(file_cfg(path))
+    assert triplets == [{"anchor": "a, with comma", "chosen": "b", "rejected": ["c"]},
+                        {"anchor": "d", "chosen": "e", "rejected": ["f"]}]
+    assert report.kept == 2
+
+
+def test_jsonl_with_list_valued_rejected_column(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [
+        {"q": "A cat sleeps.", "p": "A cat is asleep.", "negs": ["A cat runs.", "A dog sleeps.", "A cat eats."]},
+        {"q": "It is hot.", "p": "The weather is warm.", "negs": ["It is cold.", "It was hot."]},
+        {"q": "He sings.", "p": "He is singing.", "negs": ["He cries.", "She sings.", "He dances.", "They sing."]},
+    ])
+    c = file_cfg(path, anchor_column="q", chosen_column="p", rejected_columns=["negs"], num_rejected=3)
+    triplets, report = load_triplets(c, seed=1)
+    assert triplets[0]["rejected"] == ["A cat runs.", "A dog sleeps.", "A cat eats."]
+    assert triplets[1]["rejected"][:2] == ["It is cold.", "It was hot."]
+    assert triplets[1]["rejected"][2] in {"A cat is asleep.", "He is singing."}
+    assert triplets[2]["rejected"] == ["He cries.", "She sings.", "He dances."]
+    assert report.random_negatives == 1 and report.kept == 3
+
+
+def test_jsonl_mixed_string_and_list_rejected(tmp_path):
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"sent0": "a", "sent1": "b", "hard_neg": ["c", "d"]},
+        {"sent0": "e", "sent1": "f", "hard_neg": "g"},
+    ])
+    triplets, _ = load_triplets(file_cfg(path, num_rejected=2), seed=0)
+    assert triplets == [{"anchor": "a", "chosen": "b", "rejected": ["c", "d"]},
+                        {"anchor": "e", "chosen": "f", "rejected": ["g", "b"]}]
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([dict(zip(HEADER, r, strict=True)) for r in GOOD]), encoding="utf-8")
+    triplets, report = load_triplets(file_cfg(path))
+    assert [t["anchor"] for t in triplets] == [r[0] for r in GOOD]
+    assert report.kept == 4
+
+
+def test_json_lines_in_a_json_file(tmp_path):
+    path = write_jsonl(tmp_path / "rows.json", [dict(zip(HEADER, r, strict=True)) for r in GOOD])
+    triplets, _ = load_triplets(file_cfg(path))
+    assert [t["rejected"] for t in triplets] == [[r[2]] for r in GOOD]
+
+
+def test_parquet(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "rows.parquet"
+    pd.DataFrame(GOOD, columns=HEADER).to_parquet(path)
+    triplets, report = load_triplets(file_cfg(path))
+    assert triplets == [{"anchor": a, "chosen": b, "rejected": [c]} for a, b, c in GOOD]
+    assert report.rows_read == 4
+
+
+def test_parquet_bad_row_reported_at_its_row(tmp_path):
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "rows.parquet"
+    pd.DataFrame([*GOOD[:2], ["x", None, "z"]], columns=HEADER).to_parquet(path)
+    with pytest.raises(DataError, match=f"^{path}:3: column 'sent1': not a string: None"):
+        load_triplets(file_cfg(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# File errors
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="data.path: file not found: .*nope.csv"):
+        load_triplets(file_cfg(tmp_path / "nope.csv"))
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "rows.xlsx"
+    path.write_text("x", encoding="utf-8")
+    with pytest.raises(DataError, match=r"unsupported file type '\.xlsx'"):
+        load_triplets(file_cfg(path))
+
+
+@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl", "empty.parquet"])
+def test_empty_file(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{path}: file is empty$"):
+        load_triplets(file_cfg(path))
+
+
+def test_header_only_csv_has_no_usable_examples(tmp_path):
+    path = write_csv(tmp_path / "header.csv", [])
+    with pytest.raises(DataError, match=f"^{path}"):
+        load_triplets(file_cfg(path))
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_missing_column_lists_the_columns(tmp_path, suffix):
+    if suffix == "csv":
+        path = write_csv(tmp_path / "x.csv", [["a", "b", "c"]], header=["sentence1", "sentence2", "negative"])
+    else:
+        path = write_jsonl(tmp_path / "x.jsonl", [{"sentence1": "a", "sentence2": "b", "negative": "c"}])
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: missing column(s) ['sent0', 'sent1', 'hard_neg']")
+    assert "['sentence1', 'sentence2', 'negative']" in msg
+
+
+def test_empty_sentence_in_csv_names_file_row_and_column(tmp_path):
+    path = write_csv(tmp_path / "bad.csv", [GOOD[0], GOOD[1], [GOOD[2][0], GOOD[2][1], "   "], GOOD[3]])
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    # header is line 1, so the third data row is line 4
+    assert msg.startswith(f"{path}:4: column 'hard_neg': empty sentence: '   '")
+    assert "data.on_bad_row=skip" in msg
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == [GOOD[0][0], GOOD[1][0], GOOD[3][0]]
+    assert (report.rows_read, report.kept) == (4, 3)
+    assert report.dropped == {"empty sentence": 1}
+    assert report.first_bad == [f"{path}:4: column 'hard_neg': empty sentence: '   '"]
+
+
+def test_null_in_jsonl_names_file_line_and_column(tmp_path):
+    path = tmp_path / "nulls.jsonl"
+    lines = [json.dumps(dict(zip(HEADER, GOOD[0], strict=True))), "", "   ",
+             json.dumps({"sent0": GOOD[1][0], "sent1": None, "hard_neg": "x"}),
+             json.dumps({"sent0": 17, "sent1": "y", "hard_neg": "x"}),
+             json.dumps({"sent0": "a", "sent1": "b", "hard_neg": ["ok", None]}),
+             json.dumps({"sent0": "a", "sent1": "b", "hard_neg": []}),
+             json.dumps({"sent0": "a", "sent1": "b"}),
+             json.dumps(dict(zip(HEADER, GOOD[1], strict=True)))]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    # blank lines count: the null is on line 4 of the file
+    assert str(ei.value).startswith(f"{path}:4: column 'sent1': not a string: None")
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == [GOOD[0][0], GOOD[1][0]]
+    assert (report.rows_read, report.kept) == (7, 2)
+    assert report.dropped == {"not a string": 4, "no rejected sentence": 1}
+    assert report.first_bad == [
+        f"{path}:4: column 'sent1': not a string: None",
+        f"{path}:5: column 'sent0': not a string: 17",
+        f"{path}:6: column 'hard_neg': not a string: None",
+        f"{path}:7: column 'hard_neg': no rejected sentence: []",
+        f"{path}:8: column 'hard_neg': not a string: None",  # key missing
+    ]
+
+
+def test_first_bad_keeps_five(tmp_path):
+    rows = [["", "b", "c"]] * 9 + GOOD
+    path = write_csv(tmp_path / "many.csv", rows)
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert len(triplets) == 4 and report.dropped == {"empty sentence": 9}
+    assert report.first_bad == [f"{path}:{n}: column 'sent0': empty sentence: ''" for n in range(2, 7)]
+
+
+def test_jsonl_line_that_is_not_an_object_or_not_json(tmp_path):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps(dict(zip(HEADER, GOOD[0], strict=True))) + "\n[1, 2]\n" + json.dumps(dict(zip(HEADER, GOOD[1], strict=True))) + "\n")
+    with pytest.raises(DataError, match=f"^{path}:2: not a JSON object: \\[1, 2\\]"):
+        load_triplets(file_cfg(path))
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert len(triplets) == 2 and report.dropped == {"not a JSON object": 1} and report.rows_read == 3
+    path.write_text(json.dumps(dict(zip(HEADER, GOOD[0], strict=True))) + "\n{broken\n")
+    with pytest.raises(DataError, match=f"^{path}:2: invalid JSON"):
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
+@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
+def test_non_utf8_bytes_name_the_line(tmp_path, suffix):
+    path = tmp_path / f"latin1.{suffix}"
+    if suffix == "csv":
+        body = b"sent0,sent1,hard_neg\na,b,c\ncaf\xe9 au lait,d,e\n"
+    else:
+        body = b'{"sent0": "a", "sent1": "b", "hard_neg": "c"}\n{"sent0": "caf\xe9", "sent1": "d", "hard_neg": "e"}\n'
+    path.write_bytes(body)
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}:{3 if suffix == 'csv' else 2}: not UTF-8 (byte 0xe9")
+
+
+def test_utf8_bom_csv_header_is_read(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes("\ufeffsent0,sent1,hard_neg\nä,ö,ü\n".encode())
+    assert load_triplets(file_cfg(path))[0] == [{"anchor": "ä", "chosen": "ö", "rejected": ["ü"]}]
+
+
+def test_utf8_bom_jsonl(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"sent0": "a", "sent1": "b", "hard_neg": "c"}).encode() + b"\n")
+    assert load_triplets(file_cfg(path))[0] == [{"anchor": "a", "chosen": "b", "rejected": ["c"]}]
+
+
+def test_absurdly_long_sentence(tmp_path):
+    ok = "w" * MAX_SENTENCE_CHARS
+    long = "w" * (MAX_SENTENCE_CHARS + 1)
+    path = write_jsonl(tmp_path / "long.jsonl", [
+        {"sent0": ok, "sent1": "b", "hard_neg": "c"},
+        {"sent0": "a", "sent1": "b", "hard_neg": long},
+        {"sent0": "d", "sent1": "e", "hard_neg": "f"},
+    ])
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}:2: column 'hard_neg': longer than {MAX_SENTENCE_CHARS} characters: 'www")
+    assert len(msg) < 300  # the value is shortened in the message
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == [ok, "d"]
+    assert report.dropped == {f"longer than {MAX_SENTENCE_CHARS} characters": 1}
+
+
+def test_multiple_rejected_columns_are_named_together(tmp_path):
+    path = write_csv(tmp_path / "two.csv", [["a", "b", "c", ""]], header=["sent0", "sent1", "n1", "n2"])
+    with pytest.raises(DataError, match=f"^{path}:2: column 'n1,n2': empty sentence"):
+        load_triplets(file_cfg(path, rejected_columns=["n1", "n2"], num_rejected=2))
+
+
+def test_everything_skipped_is_an_error(tmp_path):
+    path = write_csv(tmp_path / "allbad.csv", [["", "b", "c"], ["a", "", "c"]])
+    with pytest.raises(DataError, match=r"no usable examples \(dropped: \{'empty sentence': 2\}\)"):
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Filling to K when sentences run out
+
+
+@pytest.mark.timeout(30)
+def test_too_few_distinct_sentences_for_k_is_an_error_not_a_hang(tmp_path):
+    path = write_csv(tmp_path / "three.csv", [r for r in GOOD[:3]])
+    # 1 own rejected + 2 other chosen sentences = 3 < 5
+    with pytest.raises(DataError, match="fewer than data.num_rejected=5"):
+        load_triplets(file_cfg(path, num_rejected=5))
+    triplets, report = load_triplets(file_cfg(path, num_rejected=3), seed=3)
+    chosen = [r[1] for r in GOOD[:3]]
+    for t, r in zip(triplets, GOOD[:3], strict=True):
+        assert t["rejected"][0] == r[2]
+        assert sorted(t["rejected"][1:]) == sorted(set(chosen) - {r[1]})
+    assert report.random_negatives == 6
+
+
+@pytest.mark.timeout(30)
+def test_duplicate_chosen_sentences_limit_the_pool(tmp_path):
+    rows = [[f"anchor {i}", f"chosen {i % 3}", f"neg {i}"] for i in range(30)]
+    path = write_csv(tmp_path / "dups.csv", rows)
+    with pytest.raises(DataError, match="fewer than data.num_rejected=4"):
+        load_triplets(file_cfg(path, num_rejected=4))
+    triplets, report = load_triplets(file_cfg(path, num_rejected=3), seed=0)
+    for i, t in enumerate(triplets):
+        assert t["rejected"][0] == f"neg {i}"
+        assert sorted(t["rejected"][1:]) == sorted({"chosen 0", "chosen 1", "chosen 2"} - {f"chosen {i % 3}"})
+    assert report.random_negatives == 60
+
+
+def test_single_example_cannot_be_filled(tmp_path):
+    path = write_csv(tmp_path / "one.csv", [GOOD[0]])
+    assert load_triplets(file_cfg(path))[0] == [{"anchor": GOOD[0][0], "chosen": GOOD[0][1], "rejected": [GOOD[0][2]]}]
+    with pytest.raises(DataError, match="single example"):
+        load_triplets(file_cfg(path, num_rejected=2))
+
+
+# ----------------------------------------------------------------------------------------------
+# SNLI layout
+
+
+def snli_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(source="snli", path=str(root), **{"split": "dev", **kw})
+
+
+def write_snli(root: Path, pairs: list[tuple[str, str, str]], split: str = "dev") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for name, col in (("s1", 0), ("s2", 1), ("labels", 2)):
+        (root / f"{name}.{split}").write_text("".join(p[col] + "\n" for p in pairs), encoding="utf-8")
+    return root
+
+
+SNLI_PAIRS = [
+    ("P1 a man rides a horse .", "P1 entail", "entailment"),
+    ("P1 a man rides a horse .", "P1 neutral", "neutral"),
+    ("P1 a man rides a horse .", "P1 contra", "contradiction"),
+    ("P2 only entailment and neutral .", "P2 entail", "entailment"),
+    ("P2 only entailment and neutral .", "P2 neutral", "neutral"),
+    ("P3 a child sings .", "P3 contra", "contradiction"),
+    ("P3 a child sings .", "P3 entail", "entailment"),
+    ("P3 a child sings .", "P3 neutral", "neutral"),
+    ("P4 only contradiction .", "P4 contra", "contradiction"),
+    ("P5 a cook fries eggs .", "P5 entail", "entailment"),
+    ("P5 a cook fries eggs .", "P5 contra", "contradiction"),
+]
+
+
+def test_snli_layout_triplets_and_drops(tmp_path):
+    root = write_snli(tmp_path / "snli", SNLI_PAIRS)
+    triplets, report = load_triplets(snli_cfg(root, split="dev"))
+    assert triplets == [
+        {"anchor": "P1 a man rides a horse .", "chosen": "P1 entail", "rejected": ["P1 contra"]},
+        {"anchor": "P3 a child sings .", "chosen": "P3 entail", "rejected": ["P3 contra"]},
+        {"anchor": "P5 a cook fries eggs .", "chosen": "P5 entail", "rejected": ["P5 contra"]},
+    ]
+    assert report.source == str(root)
+    assert (report.rows_read, report.kept, report.random_negatives) == (11, 3, 0)
+    assert report.dropped == {"premise lacks an entailment or a contradiction": 2}
+
+
+def test_snli_k2_takes_contradiction_then_neutral(tmp_path):
+    root = write_snli(tmp_path / "snli", SNLI_PAIRS)
+    triplets, report = load_triplets(snli_cfg(root, num_rejected=2), seed=0)
+    assert triplets[0]["rejected"] == ["P1 contra", "P1 neutral"]
+    assert triplets[1]["rejected"] == ["P3 contra", "P3 neutral"]
+    # P5 has no neutral: one random fill from the other premises' chosen sentences
+    assert triplets[2]["rejected"][0] == "P5 contra"
+    assert triplets[2]["rejected"][1] in {"P1 entail", "P3 entail"}
+    assert report.random_negatives == 1
+
+
+def test_snli_split_suffix_and_crlf(tmp_path):
+    root = tmp_path / "snli"
+    root.mkdir()
+    (root / "s1.test").write_bytes(b"A premise .\r\nA premise .\r\n")
+    (root / "s2.test").write_bytes(b"yes .\r\nno .\r\n")
+    (root / "labels.test").write_bytes(b"entailment\r\ncontradiction\r\n")
+    triplets, _ = load_triplets(snli_cfg(root, split="test"))
+    assert triplets == [{"anchor": "A premise .", "chosen": "yes .", "rejected": ["no ."]}]
+    with pytest.raises(DataError, match=r"s1\.dev: SNLI file not found"):
+        load_triplets(snli_cfg(root, split="dev"))
+
+
+def test_snli_unknown_label(tmp_path):
+    pairs = [*SNLI_PAIRS[:3], ("P9 x .", "P9 y", "hidden"), *SNLI_PAIRS[9:]]
+    root = write_snli(tmp_path / "snli", pairs)
+    with pytest.raises(DataError) as ei:
+        load_triplets(snli_cfg(root))
+    assert str(ei.value) == f"{root / 'labels.dev'}:4: unknown label 'hidden'"
+    triplets, report = load_triplets(snli_cfg(root, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == ["P1 a man rides a horse .", "P5 a cook fries eggs ."]
+    assert report.dropped == {"unknown label": 1}
+    assert report.first_bad == [f"{root / 'labels.dev'}:4: unknown label 'hidden'"]
+
+
+def test_snli_empty_sentence_and_line_count_mismatch(tmp_path):
+    pairs = [*SNLI_PAIRS[:2], ("P1 a man rides a horse .", "  ", "contradiction"), *SNLI_PAIRS[9:]]
+    root = write_snli(tmp_path / "snli", pairs)
+    with pytest.raises(DataError, match=f"^{root / 's2.dev'}:3: empty sentence$"):
+        load_triplets(snli_cfg(root))
+    triplets, report = load_triplets(snli_cfg(root, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == ["P5 a cook fries eggs ."]
+    assert report.dropped == {"empty sentence": 1, "premise lacks an entailment or a contradiction": 1}
+    with open(root / "labels.dev", "a", encoding="utf-8") as fh:
+        fh.write("neutral\n")
+    with pytest.raises(DataError, match=r"different line counts 5/5/6"):
+        load_triplets(snli_cfg(root))
+
+
+def test_snli_non_utf8(tmp_path):
+    root = write_snli(tmp_path / "snli", SNLI_PAIRS)
+    (root / "s1.dev").write_bytes((root / "s1.dev").read_bytes().replace(b"P3 a child", b"P3 a caf\xe9", 1))
+    with pytest.raises(DataError, match=f"^{root / 's1.dev'}:6: not UTF-8"):
+        load_triplets(snli_cfg(root))
+
+
+def test_snli_default_dir_comes_from_sempa_data_dir(tmp_path, monkeypatch):
+    write_snli(tmp_path / "nli" / "snli", SNLI_PAIRS)
+    monkeypatch.setenv("SEMPA_DATA_DIR", str(tmp_path))
+    assert data_dir() == tmp_path
+    triplets, report = load_triplets(cfg(source="snli", split="dev"))
+    assert len(triplets) == 3 and report.source == str(tmp_path / "nli" / "snli")
+
+
+def test_real_snli_dev_has_2943_triplets():
+    base = data_dir()
+    if base is None or not (base / "nli" / "snli" / "s1.dev").is_file():
+        pytest.skip(f"real SNLI data not found (SEMPA_DATA_DIR / ../shared/data -> {base}); see SOURCES.md")
+    triplets, report = load_triplets(cfg(source="snli", split="dev"))
+    assert len(triplets) == 2943 and report.kept == 2943
+    assert report.rows_read == 9842
+    assert report.random_negatives == 0
+    assert all(len(t["rejected"]) == 1 and t["anchor"] and t["chosen"] for t in triplets)
+    assert len({t["anchor"] for t in triplets}) == 2943
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_hub_dataset_is_a_data_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # the libraries read the variables at import time; set their flags too when already imported
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
+    c = cfg(source="hub", path="sempa-test-nonexistent/no-such-dataset", hub_file="nli.csv")
+    with pytest.raises(DataError) as ei:
+        load_triplets(c)
+    msg = str(ei.value)
+    assert "data.path: hub dataset 'sempa-test-nonexistent/no-such-dataset' (file 'nli.csv') could not be loaded" in msg
+    assert "data.source=file" in msg
+
+
+def test_hub_rows_are_validated_with_their_real_column_names(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, data_files=None, split=None, **kw):
+        calls.append((path, data_files, split))
+        return datasets.Dataset.from_list([
+            {"premise": "a", "hypo": "b", "negs": ["c", "d"]},
+            {"premise": "e", "hypo": "f", "negs": ["g", None]},
+        ])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    c = cfg(source="hub", path="org/set", hub_file="train.csv", split="train", anchor_column="premise",
+            chosen_column="hypo", rejected_columns=["negs"], num_rejected=2)
+    with pytest.raises(DataError) as ei:
+        load_triplets(c)
+    assert str(ei.value).startswith("hub:org/set:2: column 'negs': not a string: None")
+    assert calls == [("org/set", "train.csv", "train")]
+    triplets, report = load_triplets(dataclasses.replace(c, on_bad_row="skip"))
+    assert triplets == [{"anchor": "a", "chosen": "b", "rejected": ["c", "d"]}]
+    assert report.source == "hub:org/set" and report.dropped == {"not a string": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Property: random JSONL rows fail only with DataError; with skip, exactly the valid rows survive
+
+_long = st.integers(MAX_SENTENCE_CHARS - 2, MAX_SENTENCE_CHARS + 50).map(lambda n: "s" * n)
+_value = st.one_of(
+    st.text(max_size=12), st.none(), st.integers(), st.just(""), st.just("  \t "), _long,
+    st.booleans(), st.floats(allow_nan=False),
+)
+_rejected = st.one_of(_value, st.lists(_value, max_size=3))
+_row = st.fixed_dictionaries({"sent0": _value, "sent1": _value, "hard_neg": _rejected})
+
+
+def _ok(v) -> bool:
+    return isinstance(v, str) and bool(v.strip()) and len(v) <= MAX_SENTENCE_CHARS
+
+
+def _valid(row: dict) -> bool:
+    rej = row["hard_neg"] if isinstance(row["hard_neg"], list) else [row["hard_neg"]]
+    return _ok(row["sent0"]) and _ok(row["sent1"]) and bool(rej) and all(_ok(r) for r in rej)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(_row, min_size=1, max_size=8))
+def test_random_jsonl_rows_raise_only_data_error(rows):
+    expected = [r for r in rows if _valid(r)]
+    with tempfile.TemporaryDirectory() as d:
+        path = write_jsonl(Path(d) / "rows.jsonl", rows)
+        try:
+            triplets, report = load_triplets(file_cfg(path, on_bad_row="error"))
+        except DataError as e:
+            assert len(expected) < len(rows)
+            assert str(e).startswith(f"{path}:")
+        else:
+            assert len(expected) == len(rows) and len(triplets) == len(rows)
+
+        if not expected:
+            with pytest.raises(DataError, match="no usable examples"):
+                load_triplets(file_cfg(path, on_bad_row="skip"))
+            return
+        triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+        assert [t["anchor"] for t in triplets] == [r["sent0"].strip() for r in expected]
+        assert all(len(t["rejected"]) == 1 for t in triplets)
+        assert report.rows_read == len(rows)
+        assert sum(report.dropped.values()) == len(rows) - len(expected)
+        assert len(report.first_bad) == min(5, len(rows) - len(expected))

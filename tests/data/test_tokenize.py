@@ -1,0 +1,204 @@
+"""sempa_dist.data.tokenize: prompts, EOS-terminated responses, overlong policy, arrow cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sempa_dist.config import DEFAULT_SYSTEM_PROMPT, DEFAULT_TEMPLATE, DataConfig
+from sempa_dist.data import TokenizedExample, load_triplets, render_prompt, tokenize_triplets
+from sempa_dist.data.tokenize import data_fingerprint, tokenizer_fingerprint
+
+N = 24
+K = 2
+
+
+@pytest.fixture(scope="module")
+def triplets():
+    rows, _ = load_triplets(DataConfig(num_rejected=K, max_examples=N), seed=0)
+    return rows
+
+
+@pytest.fixture
+def dcfg(tmp_path):
+    return DataConfig(num_rejected=K, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
+
+
+def fresh(triplets):
+    return [dict(t, rejected=list(t["rejected"])) for t in triplets]
+
+
+def test_every_response_ends_with_eos_and_decodes_to_its_sentence(tok, triplets, dcfg):
+    examples, report = tokenize_triplets(fresh(triplets), tok, dcfg)
+    assert (report.kept, report.truncated, report.dropped_overlong) == (N, 0, 0)
+    assert len(examples) == N
+    eos = tok.eos_token_id
+    for i, (ex, t) in enumerate(zip(examples, triplets, strict=True)):
+        assert isinstance(ex, TokenizedExample) and ex.index == i
+        assert len(ex.responses) == 1 + K
+        for ids, text in zip(ex.responses, [t["chosen"], *t["rejected"]], strict=True):
+            assert ids[-1] == eos
+            assert eos not in ids[:-1]
+            assert tok.decode(ids[:-1]) == text
+        assert ex.num_tokens == sum(len(ex.prompt_ids) + len(r) for r in ex.responses)
+        assert all(len(ex.prompt_ids) + len(r) <= dcfg.max_length for r in ex.responses)
+
+
+def test_prompt_has_system_prompt_and_anchor_through_chat_template(tok, triplets, dcfg):
+    anchor = triplets[0]["anchor"]
+    text = render_prompt(tok, anchor, dcfg)
+    user = DEFAULT_TEMPLATE.replace("{sentence}", anchor)
+    assert text == (
+        f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"
+        f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    examples, _ = tokenize_triplets(fresh(triplets[:3]), tok, dcfg)
+    decoded = tok.decode(examples[0].prompt_ids)
+    assert decoded == text
+    assert anchor in decoded and DEFAULT_SYSTEM_PROMPT in decoded
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert examples[0].prompt_ids[0] == im_start
+    assert examples[0].prompt_ids.count(im_start) == 3  # system, user, assistant
+
+
+def test_no_system_prompt(tok, dcfg):
+    cfg = dataclasses.replace(dcfg, system_prompt=None)
+    text = render_prompt(tok, "A dog runs.", cfg)
+    assert text.startswith("<|im_start|>user\n") and "system" not in text
+
+
+def test_chat_template_off_gives_plain_template_text(tok, triplets, dcfg):
+    cfg = dataclasses.replace(dcfg, use_chat_template=False, template="Paraphrase: {sentence} ->")
+    anchor = triplets[1]["anchor"]
+    assert render_prompt(tok, anchor, cfg) == f"Paraphrase: {anchor} ->\n"
+    examples, _ = tokenize_triplets(fresh(triplets[:3]), tok, cfg)
+    assert tok.decode(examples[1].prompt_ids) == f"Paraphrase: {anchor} ->\n"
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in examples[1].prompt_ids
+    assert DEFAULT_SYSTEM_PROMPT not in tok.decode(examples[1].prompt_ids)
+    assert all(r[-1] == tok.eos_token_id for ex in examples for r in ex.responses)
+
+
+def _overlong_setup(tok, triplets, dcfg):
+    """A max_length that makes some, not all, examples overlong; and which ones (computed independently)."""
+    full, _ = tokenize_triplets(fresh(triplets), tok, dcfg)
+    totals = sorted(len(ex.prompt_ids) + max(len(r) for r in ex.responses) for ex in full)
+    max_length = totals[len(totals) // 2]  # the median: about half are over
+    over = [len(ex.prompt_ids) + max(len(r) for r in ex.responses) > max_length for ex in full]
+    assert 0 < sum(over) < len(full)
+    assert all(len(ex.prompt_ids) < max_length for ex in full)
+    return full, max_length, over
+
+
+def test_truncate_keeps_prompt_and_cuts_responses(tok, triplets, dcfg):
+    full, max_length, over = _overlong_setup(tok, triplets, dcfg)
+    cfg = dataclasses.replace(dcfg, max_length=max_length, overlong="truncate")
+    examples, report = tokenize_triplets(fresh(triplets), tok, cfg)
+    assert report.truncated == sum(over)
+    assert report.dropped_overlong == 0 and report.kept == N == len(examples)
+    for ex, ref, was_over in zip(examples, full, over, strict=True):
+        assert ex.prompt_ids == ref.prompt_ids
+        room = max_length - len(ref.prompt_ids)
+        assert ex.responses == [r[:room] for r in ref.responses]
+        assert all(len(ex.prompt_ids) + len(r) <= max_length for r in ex.responses)
+        if not was_over:
+            assert ex.responses == ref.responses
+        else:
+            assert any(len(ex.prompt_ids) + len(r) == max_length for r in ex.responses)
+
+
+def test_drop_removes_overlong_examples(tok, triplets, dcfg):
+    full, max_length, over = _overlong_setup(tok, triplets, dcfg)
+    cfg = dataclasses.replace(dcfg, max_length=max_length, overlong="drop")
+    examples, report = tokenize_triplets(fresh(triplets), tok, cfg)
+    assert report.dropped_overlong == sum(over)
+    assert report.truncated == 0
+    assert report.kept == len(examples) == N - sum(over)
+    # kept examples are unchanged and keep their original dataset position in `index`
+    assert [ex.index for ex in examples] == [i for i, o in enumerate(over) if not o]
+    for ex in examples:
+        assert ex.prompt_ids == full[ex.index].prompt_ids and ex.responses == full[ex.index].responses
+
+
+def test_prompt_longer_than_max_length_is_dropped_even_when_truncating(tok, triplets, dcfg):
+    cfg = dataclasses.replace(dcfg, max_length=20, overlong="truncate")  # chat prompts are ~90 tokens
+    examples, report = tokenize_triplets(fresh(triplets), tok, cfg)
+    assert examples == []
+    assert (report.kept, report.truncated, report.dropped_overlong) == (0, 0, N)
+
+
+def test_second_call_reuses_the_arrow_cache(tok, triplets, dcfg, tmp_path):
+    first, report1 = tokenize_triplets(fresh(triplets), tok, dcfg)
+    cache_file = tmp_path / "cache" / f"tok-{report1.fingerprint}.arrow"
+    assert cache_file.is_file()
+    assert sorted(p.name for p in (tmp_path / "cache").glob("tok-*.arrow")) == [cache_file.name]
+    mtime = cache_file.stat().st_mtime_ns
+
+    class NoEncoding:
+        """The same tokenizer, except that encoding fails: the cached result must be used."""
+
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def __call__(self, *a, **kw):
+            raise AssertionError("tokenizer called although the cache should be used")
+
+        def apply_chat_template(self, *a, **kw):
+            raise AssertionError("prompt rendered although the cache should be used")
+
+    proxy = NoEncoding(tok)
+    assert tokenizer_fingerprint(proxy) == tokenizer_fingerprint(tok)
+    second, report2 = tokenize_triplets(fresh(triplets), proxy, dcfg)
+    assert second == first
+    assert report2 == report1
+    assert cache_file.stat().st_mtime_ns == mtime
+    assert len(list((tmp_path / "cache").glob("tok-*.arrow"))) == 1
+
+
+def test_fingerprint_changes_with_inputs(tok, triplets, dcfg, tmp_path):
+    base = data_fingerprint(fresh(triplets), tok, dcfg)
+    assert base == data_fingerprint(fresh(triplets), tok, dataclasses.replace(dcfg))
+    assert base == data_fingerprint(fresh(triplets), tok, dataclasses.replace(dcfg, cache_dir="/elsewhere"))
+    variants = {
+        "template": dataclasses.replace(dcfg, template="Say it differently: {sentence}"),
+        "system_prompt": dataclasses.replace(dcfg, system_prompt="Be terse."),
+        "use_chat_template": dataclasses.replace(dcfg, use_chat_template=False),
+        "max_length": dataclasses.replace(dcfg, max_length=128),
+        "overlong": dataclasses.replace(dcfg, overlong="drop"),
+    }
+    fps = {name: data_fingerprint(fresh(triplets), tok, c) for name, c in variants.items()}
+    assert base not in fps.values()
+    assert len(set(fps.values())) == len(fps)
+    changed = fresh(triplets)
+    changed[5]["rejected"][1] = changed[5]["rejected"][1] + " Indeed."
+    assert data_fingerprint(changed, tok, dcfg) != base
+    assert data_fingerprint(fresh(triplets)[:-1], tok, dcfg) != base
+
+    # a template change gives a new cache file and a new prompt
+    _, r1 = tokenize_triplets(fresh(triplets[:4]), tok, dcfg)
+    ex2, r2 = tokenize_triplets(fresh(triplets[:4]), tok, variants["template"])
+    assert r1.fingerprint != r2.fingerprint
+    names = sorted(p.name for p in (tmp_path / "cache").glob("tok-*.arrow"))
+    assert names == sorted([f"tok-{r1.fingerprint}.arrow", f"tok-{r2.fingerprint}.arrow"])
+    assert "Say it differently: " + triplets[0]["anchor"] in tok.decode(ex2[0].prompt_ids)
+
+
+def test_tokenizer_fingerprint_sees_the_chat_template(tok):
+    class OtherTemplate:
+        def __init__(self, inner):
+            self._inner = inner
+            self.chat_template = "{{ messages[0]['content'] }}"
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+    assert tokenizer_fingerprint(OtherTemplate(tok)) != tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok)

@@ -1,0 +1,80 @@
+"""Packed rows must compute exactly what separate sequences (and a padded batch) compute."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+from sempa_dist.attention import attention_inputs, block_causal_mask, resolve_attn_implementation
+from sempa_dist.logprobs import SequenceScorer
+from sempa_dist.packing import build_batch
+from tests.tiny import random_examples, tiny_model
+
+
+def per_token_logprobs(scorer: SequenceScorer, batch) -> list[torch.Tensor]:
+    """Per-token response log-probs of every sequence of `batch` (full logits: the naive way)."""
+    with torch.no_grad():
+        hidden = scorer.hidden_states(batch)
+        logits = scorer.model.get_output_embeddings()(hidden).float().log_softmax(-1)
+    lp = logits.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
+    return [lp[batch.target_seq == s] for s in range(batch.num_sequences)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_packed_equals_separate_and_padded(arch, impl):
+    model = tiny_model(arch, impl)
+    scorer = SequenceScorer(model, impl, chunk_tokens=16)
+    exs = random_examples(6, k=2, seed=3, prompt_range=(2, 40), response_range=(1, 15))
+    packed = per_token_logprobs(scorer, build_batch(exs, "packed"))
+    padded = per_token_logprobs(scorer, build_batch(exs, "padded"))
+    s = 0
+    for ex in exs:
+        for r in range(3):
+            alone = per_token_logprobs(scorer, build_batch([type(ex)(ex.prompt_ids, [ex.responses[r]], 0)], "packed"))[0]
+            assert alone.shape == packed[s].shape == (len(ex.responses[r]),)
+            torch.testing.assert_close(packed[s], alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(padded[s], alone, atol=1e-5, rtol=0)
+            s += 1
+
+
+def test_position_ids_alone_do_not_isolate_sequences_under_sdpa():
+    """Why the block mask exists: without it the second sequence sees the first."""
+    model = tiny_model("llama", "sdpa")
+    exs = random_examples(2, k=0, seed=4)
+    batch = build_batch(exs, "packed")
+    with torch.no_grad():
+        masked = model.model(input_ids=batch.input_ids, **attention_inputs(batch, "sdpa")).last_hidden_state
+        unmasked = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids).last_hidden_state
+    assert (masked - unmasked).abs().max() > 1e-3
+
+
+def varlen_reference_attention(q, k, v, cu_seqlens):
+    """What flash_attn_varlen_func computes: causal attention within each [cu[i], cu[i+1]) segment."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        out[:, a:b] = F.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True)
+    return out
+
+
+def test_flash_varlen_inputs_define_the_same_attention_as_the_cpu_mask():
+    """The GPU path gets cu_seq_lens; the CPU path a block mask. Both must mean the same attention,
+    and our offsets must equal what transformers derives from the restarting position_ids."""
+    exs = random_examples(5, k=1, seed=5)
+    batch = build_batch(exs, "packed")
+    kw = attention_inputs(batch, "flash_attention_2")
+    (cu_q, cu_k), (max_q, _) = prepare_fa_kwargs_from_position_ids(batch.position_ids)
+    assert kw["cu_seq_lens_q"].tolist() == cu_q.tolist() == cu_k.tolist()
+    assert kw["max_length_q"] == int(max_q)
+    torch.manual_seed(0)
+    n = batch.input_ids.shape[1]
+    q, k, v = (torch.randn(2, n, 8) for _ in range(3))
+    mask = block_causal_mask(batch.seq_lens, n)[0]
+    via_mask = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(via_mask, varlen_reference_attention(q, k, v, kw["cu_seq_lens_q"]), atol=1e-6, rtol=0)
+
+
+def test_auto_attention_is_sdpa_without_flash_and_explicit_flash_fails_clearly():
+    assert resolve_attn_implementation("auto") == "sdpa"
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        resolve_attn_implementation("flash_attention_2")
