@@ -144,6 +144,8 @@ def export(tag_dir: Path, out_dir: Path, cfg, merge_lora: bool = True) -> Path:
                            f"unexpected={unexpected[:5]}")
     if cfg.model.lora.enabled and merge_lora:
         model = model.merge_and_unload()
+    elif cfg.model.lora.enabled:  # adapter only: the base is the model named in the config
+        model.peft_config["default"].base_model_name_or_path = str(path)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)

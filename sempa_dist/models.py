@@ -35,6 +35,9 @@ TINY_SHAPES = {
                        num_attention_heads=4, num_key_value_heads=2),
     "tiny-qwen2": dict(arch="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2),
+    # SmolLM2-135M's shapes with random weights: realistic step cost without the GGUF conversion
+    "random-smollm2-shape": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
 }
 
 
@@ -110,8 +113,9 @@ def build_tiny_model(name: str, out: Path, seed: int = 0) -> None:
     arch = shape.pop("arch")
     tokenizer = build_tiny_tokenizer()
     cfg_cls = LlamaConfig if arch == "llama" else Qwen2Config
+    vocab = shape.pop("vocab_size", len(tokenizer))  # ids >= len(tokenizer) simply never occur
     cfg = cfg_cls(
-        vocab_size=len(tokenizer), max_position_embeddings=2048, tie_word_embeddings=False,
+        vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **shape,
     )
     with torch.random.fork_rng():
@@ -169,6 +173,7 @@ def build_smollm2(out: Path) -> None:
 REGISTRY: dict[str, Callable[[Path], None]] = {
     "tiny-llama": lambda out: build_tiny_model("tiny-llama", out),
     "tiny-qwen2": lambda out: build_tiny_model("tiny-qwen2", out),
+    "random-smollm2-shape": lambda out: build_tiny_model("random-smollm2-shape", out),
     "smollm2-135m-instruct": build_smollm2,
 }
 

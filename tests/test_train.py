@@ -102,8 +102,27 @@ def test_lora_with_adapter_reference_trains_and_exports(tmp_path):
     sempa_train("configs/tiny_cpu.yaml", f"train.output_dir={out}", "model.lora.enabled=true", "model.lora.r=8",
                 "ref.mode=adapter", "train.max_steps=8", "train.save_every=0", "train.learning_rate=0.01")
     rows = metrics(out)
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # adapters start at zero: policy == base
     assert rows[-1]["loss"] < rows[0]["loss"]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out / "export")
     assert not any("lora" in n for n, _ in model.named_parameters())  # merged
+
+
+def test_precomputed_reference_is_aligned_and_reused(tmp_path):
+    """At step 1 the policy equals the reference, so the loss is exactly log 2 and the margin 0 only
+    if the precomputed table lines up with the examples; a second run reuses the cached table."""
+    args = ["configs/tiny_cpu.yaml", "ref.mode=precomputed", f"ref.cache_dir={tmp_path}/cache",
+            "train.max_steps=6", "train.save_every=0", "train.export=false"]
+    sempa_train(*args, f"train.output_dir={tmp_path}/a")
+    tables = list((tmp_path / "cache").glob("ref-*.pt"))
+    assert len(tables) == 1
+    stamp = tables[0].stat().st_mtime_ns
+    rows = metrics(tmp_path / "a")
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert abs(rows[0]["rewards/margin"]) < 1e-6
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    sempa_train(*args, f"train.output_dir={tmp_path}/b")
+    assert tables[0].stat().st_mtime_ns == stamp  # reused, not recomputed
+    assert [r["loss"] for r in metrics(tmp_path / "b")] == pytest.approx([r["loss"] for r in rows], abs=1e-6)

@@ -1,0 +1,37 @@
+"""sempa-export CHECKPOINT OUT: a consolidated HF model directory from a sempa-dist checkpoint.
+
+CHECKPOINT is a run directory (its latest complete checkpoint is used) or one checkpoint
+directory (``<run>/checkpoints/step-000120``). Runs on one process, no GPU needed: the ZeRO-3
+shards are reassembled on CPU. LoRA runs are merged unless --keep-adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sempa_dist import checkpoint
+from sempa_dist.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="sempa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--keep-adapter", action="store_true", help="save LoRA as a peft adapter instead of merging it")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    src = args.checkpoint
+    tag_dir = checkpoint.find_resume("auto", src) if (src / "checkpoints").is_dir() else checkpoint.find_resume(str(src), src)
+    if tag_dir is None:
+        print(f"sempa-export: no complete checkpoint under {src}", file=sys.stderr)
+        return 2
+    run_dir = tag_dir.parent.parent
+    cfg = load_config(run_dir / "config.yaml")
+    out = checkpoint.export(tag_dir, args.out, cfg, merge_lora=not args.keep_adapter)
+    print(f"exported {tag_dir} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
