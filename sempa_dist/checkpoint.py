@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sempa_dist.distributed import DistInfo, barrier
@@ -26,16 +24,6 @@ COMPLETE = "COMPLETE"
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(s if not isinstance(s, list) else tuple(s) for s in state["python"]))
-    np.random.set_state(tuple(state["numpy"]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
 def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
@@ -131,12 +119,11 @@ def export(tag_dir: Path, out_dir: Path, cfg, merge_lora: bool = True) -> Path:
     sd = consolidated_state_dict(tag_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if cfg.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lc = cfg.model.lora
-        targets = lc.target_modules[0] if lc.target_modules == ["all-linear"] else lc.target_modules
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        from sempa_dist.engines import peft_lora_config
+
+        model = get_peft_model(model, peft_lora_config(cfg))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     tied = {"lm_head.weight", "base_model.model.lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:

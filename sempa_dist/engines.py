@@ -102,6 +102,15 @@ def _load_causal_lm(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def peft_lora_config(cfg: Config):
+    """The peft LoraConfig of model.lora ('all-linear' = every linear layer but the LM head)."""
+    from peft import LoraConfig
+
+    lc = cfg.model.lora
+    targets = lc.target_modules[0] if lc.target_modules == ["all-linear"] else lc.target_modules
+    return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, task_type="CAUSAL_LM")
+
+
 def build_policy(cfg: Config, dist: DistInfo, total_steps: int):
     """The trainable policy as a ZeRO-3 engine, with AdamW and a warmup + decay schedule."""
     import deepspeed
@@ -113,13 +122,10 @@ def build_policy(cfg: Config, dist: DistInfo, total_steps: int):
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lc = cfg.model.lora
-        targets = lc.target_modules[0] if lc.target_modules == ["all-linear"] else lc.target_modules
         torch.manual_seed(cfg.train.seed)  # identical adapter init on every rank and world size
-        model = get_peft_model(model, LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, peft_lora_config(cfg))
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens)
