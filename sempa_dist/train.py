@@ -8,6 +8,7 @@ or through ``sempa-train``, which also spawns the processes itself on one machin
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -46,6 +47,7 @@ def prepare_data(cfg: Config, dist: DistInfo):
     return tokenizer, examples, load_report, tok_report
 
 
+@functools.lru_cache(maxsize=2)  # called every step; the permutation changes only once per epoch
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """Example order of one epoch: a function of seed and epoch only, never of the world size."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -16,16 +16,16 @@ from sempa_dist.config import ConfigError, describe, load_config
 from sempa_dist.distributed import free_port, launched_by_launcher
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="sempa-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="YAML config (see configs/)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ap.add_argument("--help-config", action="store_true", help="print every config key with its default and meaning")
-    return ap.parse_args(argv), []
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse(sys.argv[1:] if argv is None else argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     if args.help_config:
         print("\n".join(describe()))
         return 0
