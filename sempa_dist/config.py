@@ -121,6 +121,9 @@ class TrainConfig:
     export: bool = _f(True, "Write a consolidated HF model to <output_dir>/export at the end.")
     merge_lora: bool = _f(True, "Export LoRA merged into the weights (else as an adapter).")
     nproc: int = _f(1, "Processes sempa-train spawns on this machine when not started by a launcher.")
+    on_nonfinite: Literal["skip", "stop"] = _f(
+        "skip", "NaN/inf loss or grad norm: skip the optimizer step (counted), or stop keeping the last good checkpoint."
+    )
 
 
 @dataclass
@@ -128,6 +131,31 @@ class DeepSpeedConfig:
     policy_config: str = _f("ds_configs/zero3_policy.json", "DeepSpeed config of the trainable policy (ZeRO-3).")
     ref_config: str = _f("ds_configs/zero3_ref_offload.json", "DeepSpeed config of the reference engine (no optimizer).")
     timeout_s: int = _f(1800, "Collective timeout: a dead rank fails the job after this long instead of hanging.")
+
+
+DEFAULT_EMBED_PROMPT = 'This sentence : "{sentence}" means in one word:"'
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, "Evaluate STS every N optimizer steps during training (0 = off).")
+    tasks: list[str] = _f(["stsb-dev"], "STS sets evaluated during training (sts12..sts16, stsb-dev, stsb-test, sickr-test).")
+    final_tasks: list[str] = _f([], "STS sets evaluated once after training (same names; 'all' = the seven standard sets).")
+    max_pairs: int | None = _f(None, "Evaluate on at most N pairs per set (a fixed, seeded subset): cheap checks mid-run.")
+    pooling: Literal["last", "mean"] = _f("last", "last: PromptEOL last-token hidden state; mean: mean over the prompt's tokens.")
+    prompt: str = _f(DEFAULT_EMBED_PROMPT, "Embedding prompt; {sentence} is replaced by the sentence.")
+    normalize: bool = _f(True, "Normalise sentences first (\" -> ', final ? -> ., add a final .), as SemPA's code does.")
+    batch_size: int = _f(64, "Sentences per forward pass when encoding.")
+    generation: bool = _f(True, "After training: held-out NLL and KL of policy vs reference, and greedy paraphrases.")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = _f(True, "Track the run in MLflow (rank 0 only).")
+    uri: str | None = _f(None, "Tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/../mlflow.db.")
+    experiment: str = _f("sempa", "MLflow experiment name.")
+    run_name: str | None = _f(None, "MLflow run name (default: the output directory's name).")
+    tags: list[str] = _f([], "Extra run tags as key=value.")
 
 
 @dataclass
@@ -139,6 +167,8 @@ class Config:
     ref: RefConfig = _f(RefConfig, "Reference model.")
     train: TrainConfig = _f(TrainConfig, "Optimisation and run directory.")
     deepspeed: DeepSpeedConfig = _f(DeepSpeedConfig, "DeepSpeed configs.")
+    eval: EvalConfig = _f(EvalConfig, "STS evaluation and generation check.")
+    tracking: TrackingConfig = _f(TrackingConfig, "MLflow tracking.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -184,6 +214,17 @@ class Config:
             raise ConfigError(f"train.num_epochs: must be > 0 when train.max_steps is null, got {t.num_epochs}")
         if d.max_examples is not None and d.max_examples <= 0:
             raise ConfigError(f"data.max_examples: must be > 0 or null, got {d.max_examples}")
+        e = self.eval
+        if e.every < 0:
+            raise ConfigError(f"eval.every: must be >= 0, got {e.every}")
+        _positive(("eval.batch_size", e.batch_size))
+        if e.max_pairs is not None and e.max_pairs <= 0:
+            raise ConfigError(f"eval.max_pairs: must be > 0 or null, got {e.max_pairs}")
+        if "{sentence}" not in e.prompt:
+            raise ConfigError(f"eval.prompt: must contain '{{sentence}}', got {e.prompt!r}")
+        for i, tag in enumerate(self.tracking.tags):
+            if "=" not in tag or not tag.partition("=")[0].strip():
+                raise ConfigError(f"tracking.tags[{i}]: expected key=value, got {tag!r}")
         if world_size is not None and world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size is not None and t.global_batch_size % world_size:

@@ -30,8 +30,11 @@ from sempa_dist.engines import build_policy, build_reference
 from sempa_dist.loss import preference_loss
 from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, plan_step
+from sempa_dist.preemption import Preempted, PreemptionFlag
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
+# slots after the metric sums in the per-step all-reduce
+REAL_TOKENS, TOTAL_TOKENS, EXAMPLES, PREEMPT = range(len(METRICS), len(METRICS) + 4)
 
 
 def prepare_data(cfg: Config, dist: DistInfo):
@@ -98,6 +101,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
     from tqdm import tqdm
 
+    preemption = PreemptionFlag()
     bar = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     history: list[dict[str, float]] = []
     policy.train()
@@ -106,7 +110,7 @@ def train(cfg: Config) -> dict[str, Any]:
         epoch, pos = divmod(step, steps_per_epoch)
         ids = epoch_order(len(examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
         plan = plan_step([sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
-        sums = torch.zeros(len(METRICS) + 3, dtype=torch.float64)  # metrics..., real tokens, total tokens, examples
+        sums = torch.zeros(len(METRICS) + 4, dtype=torch.float64)
         for m, micro in enumerate(plan):
             batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id)
             batch = batch.to(dist.device)
@@ -126,16 +130,18 @@ def train(cfg: Config) -> dict[str, Any]:
                 sums[0] += losses.sum().item()
                 for j, name in enumerate(METRICS[1:], 1):
                     sums[j] += metrics[name].sum().item()
-                sums[-3] += batch.real_tokens if micro else 0
-                sums[-2] += batch.total_tokens
-                sums[-1] += batch.num_examples
+                sums[REAL_TOKENS] += batch.real_tokens if micro else 0
+                sums[TOTAL_TOKENS] += batch.total_tokens
+                sums[EXAMPLES] += batch.num_examples
         policy.step()
+        sums[PREEMPT] = float(preemption.requested is not None)
         totals = all_reduce_sum(sums.to(dist.device)).cpu()
         dt = time.time() - t0
-        row = {name: float(totals[j] / totals[-1]) for j, name in enumerate(METRICS)}
+        row = {name: float(totals[j] / totals[EXAMPLES]) for j, name in enumerate(METRICS)}
         row.update({
             "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": float(policy.get_global_grad_norm() or 0.0),
-            "tokens_per_s": float(totals[-3] / dt), "pad_fraction": float(1 - totals[-3] / totals[-2]),
+            "tokens_per_s": float(totals[REAL_TOKENS] / dt),
+            "pad_fraction": float(1 - totals[REAL_TOKENS] / totals[TOTAL_TOKENS]),
             "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
         })
         history.append(row)
@@ -145,11 +151,21 @@ def train(cfg: Config) -> dict[str, Any]:
             with open(out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
         last = step + 1 == total_steps
-        if last or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+        preempted = totals[PREEMPT] > 0  # every rank sees the same sum, so all stop at this step
+        if last or preempted or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             state = {"step": step + 1, "epoch": epoch, "world_size": dist.world_size,
                      "examples_seen": (step + 1) * B, "torch_rng": torch.get_rng_state().tolist()}
             tag_dir = checkpoint.save(policy, out_dir, step + 1, state, dist, cfg.train.keep_checkpoints)
+        if preempted and not last:
+            bar.close()
+            if dist.is_main:
+                print(f"preemption signal: checkpoint at step {step + 1} saved, exiting for requeue", flush=True)
+                (out_dir / "PREEMPTED").write_text(json.dumps({"step": step + 1, "time": time.time()}) + "\n")
+            raise Preempted(step + 1)
     bar.close()
+    preemption.restore()
+    if dist.is_main:
+        (out_dir / "PREEMPTED").unlink(missing_ok=True)  # this run went to its end
 
     # log-probs of a fixed probe batch under the final policy: `sempa-export` output must reproduce them
     policy.eval()

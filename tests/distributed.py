@@ -12,8 +12,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run `cmd` from the repo root in its own session; raise with the output's tail on failure (if check)."""
+    # this checkout first on the path, whatever an editable install elsewhere points at
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
     # own session: on timeout the whole tree (launcher and every rank) is killed, never orphaned
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                          start_new_session=True)
@@ -24,14 +27,14 @@ def run(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subproce
         out, err = p.communicate()
         raise AssertionError(f"{' '.join(cmd)} timed out after {timeout}s:\n" + "\n".join((out + err).splitlines()[-40:])) from None
     proc = subprocess.CompletedProcess(cmd, p.returncode, out, err)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
     return proc
 
 
-def sempa_train(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "sempa_dist.cli.train", *args], timeout=timeout, env=env)
+def sempa_train(*args: str, timeout: int = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "sempa_dist.cli.train", *args], timeout=timeout, env=env, check=check)
 
 
 def metrics(out_dir: Path) -> list[dict]:

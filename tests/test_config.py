@@ -409,14 +409,14 @@ def test_describe_mentions_every_leaf_key_with_help():
     lines = describe()
     text = "\n".join(lines)
     keys = leaf_keys()
-    assert len(keys) == 55
+    assert len(keys) == 70
     for key in keys:
         matching = [ln for ln in lines if ln.startswith(f"  {key} (")]
         assert len(matching) == 1, key
         assert re.search(r"\): \S", matching[0]), f"{key} has no help text: {matching[0]!r}"
     for section in ("model", "model.lora", "data", "packing", "loss", "ref", "train", "deepspeed"):
         assert any(ln.startswith(f"[{section}]  ") for ln in lines), section
-    assert len(lines) == len(keys) + 8
+    assert len(lines) == len(keys) + 10  # one header per section
     assert "  data.num_rejected (int, default 1): " in text
     assert "  train.max_steps (int or null, default None): " in text
     assert "  data.overlong (one of truncate, drop, default 'truncate'): " in text
