@@ -11,6 +11,7 @@ demo: setup
 	$(PYTHON) -m sempa_dist.demo
 
 test: setup lint
+	@bash scripts/system_deps.sh  # Slurm, munge, sshd, pdsh for the multi-node tests (skipped if not root/apt)
 	$(PYTHON) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint:

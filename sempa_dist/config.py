@@ -82,6 +82,10 @@ class DataConfig:
 class PackingConfig:
     layout: Literal["packed", "padded"] = _f("packed", "packed: sequences concatenated into rows, no padding; padded: one padded row per sequence.")
     max_tokens: int = _f(2048, "Token budget of one micro-batch (one packed row).")
+    prefix_sharing: Literal["auto", "on", "off"] = _f(
+        "auto", "Encode each prompt once for its 1 + K responses (sibling responses masked apart); "
+        "auto = on unless the kernel is flash-attn varlen, which cannot mask siblings."
+    )
 
 
 @dataclass
@@ -156,6 +160,8 @@ class TrackingConfig:
     experiment: str = _f("sempa", "MLflow experiment name.")
     run_name: str | None = _f(None, "MLflow run name (default: the output directory's name).")
     tags: list[str] = _f([], "Extra run tags as key=value.")
+    parent_run_id: str | None = _f(None, "Nest this run under that MLflow run (a sweep; see python -m sempa_dist.tracking parent).")
+    flush_every_s: float = _f(10.0, "Send buffered metrics every N seconds (0: at every logged step), in batches, off the training thread.")
 
 
 @dataclass
@@ -205,6 +211,9 @@ class Config:
             raise ConfigError("ref.nvme_path: required when ref.offload=nvme")
         if d.source in ("file", "hub") and not d.path:
             raise ConfigError(f"data.path: required when data.source={d.source}")
+        if p.prefix_sharing == "on" and self.model.attn_implementation == "flash_attention_2":
+            raise ConfigError("packing.prefix_sharing: 'on' cannot run under model.attn_implementation=flash_attention_2 "
+                              "(varlen kernels cannot mask sibling responses); use auto or off")
         if p.layout == "packed" and d.max_length * (1 + d.num_rejected) > p.max_tokens:
             raise ConfigError(
                 f"packing.max_tokens: {p.max_tokens} cannot hold one example (1 + data.num_rejected={d.num_rejected} "
@@ -220,8 +229,21 @@ class Config:
         _positive(("eval.batch_size", e.batch_size))
         if e.max_pairs is not None and e.max_pairs <= 0:
             raise ConfigError(f"eval.max_pairs: must be > 0 or null, got {e.max_pairs}")
+        from sempa_dist.eval.sts import resolve_tasks  # here: the eval package imports this module
+
+        for key in ("tasks", "final_tasks"):
+            try:
+                resolve_tasks(getattr(e, key))
+            except ValueError as err:
+                raise ConfigError(f"eval.{key}: {err}") from None
+        if e.every and not e.tasks:
+            raise ConfigError("eval.tasks: empty while eval.every > 0")
         if "{sentence}" not in e.prompt:
             raise ConfigError(f"eval.prompt: must contain '{{sentence}}', got {e.prompt!r}")
+        if self.tracking.flush_every_s < 0:
+            raise ConfigError(f"tracking.flush_every_s: must be >= 0, got {self.tracking.flush_every_s}")
+        if self.tracking.uri and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", self.tracking.uri):
+            raise ConfigError(f"tracking.uri: expected a URI (http://host:5000, sqlite:///abs/path/mlflow.db), got {self.tracking.uri!r}")
         for i, tag in enumerate(self.tracking.tags):
             if "=" not in tag or not tag.partition("=")[0].strip():
                 raise ConfigError(f"tracking.tags[{i}]: expected key=value, got {tag!r}")

@@ -1,33 +1,95 @@
-"""`make demo`: the main job on embedded defaults.
+"""`make demo`: SemPA on a real model, measured before and after.
 
-Until the representation-quality work lands (SmolLM2-135M-Instruct, STS before/after), this is the
-smoke run of what exists: configs/tiny_cpu.yaml (tiny random Llama, bundled preference set, 2 ZeRO-3
-processes with an offloaded reference engine) into runs/demo, then a before/after table.
+1. STS-B test Spearman of the untrained SmolLM2-135M-Instruct (PromptEOL, last token);
+2. SemPA training with configs/smollm2_demo.yaml: LoRA, ZeRO-3 over 2 processes, reference on its
+   own offloaded engine, SNLI triplets from $SEMPA_DATA_DIR (else the bundled preference set);
+3. STS-B test of the exported model, and the generation check (held-out NLL, KL to the reference,
+   greedy paraphrases) against the untrained model;
+4. a before/after table; everything under runs/demo/ (summary.json, demo.json, export/).
+
+Extra arguments are config overrides for the training run (e.g. ``train.max_steps=10``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from sempa_dist.cli.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "smollm2_demo.yaml"
+OUT = Path("runs/demo")
 
 
-def main() -> int:
-    out = Path("runs/demo")
-    rc = train_main([str(REPO / "configs" / "tiny_cpu.yaml"), f"train.output_dir={out}"])
+def sts(model: str, tasks: list[str]) -> dict[str, float]:
+    from sempa_dist.eval import Encoder, evaluate_sts
+
+    return evaluate_sts(Encoder.from_pretrained(model).encode, tasks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    from sempa_dist.config import load_config
+    from sempa_dist.eval.generation import generation_report
+    from sempa_dist.eval.sts import data_available
+
+    if not any(o.startswith("data.source=") for o in overrides) and not _snli_available():
+        print("demo: no SNLI triplets under $SEMPA_DATA_DIR: training on the bundled preference set")
+        overrides.append("data.source=bundled")
+    overrides = [f"train.output_dir={OUT}", *overrides]
+    cfg = load_config(CONFIG, overrides)
+    base = cfg.model.name
+    tasks = ["stsb-test"] if data_available() else []
+    if not tasks:
+        print("demo: no STS data under $SEMPA_DATA_DIR: STS before/after skipped (set SEMPA_DATA_DIR)")
+    t0 = time.time()
+    before = sts(base, tasks) if tasks else {}
+    t_before = time.time() - t0
+    rc = train_main([str(CONFIG), *overrides])
     if rc != 0:
         return rc
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[0], rows[-1]
-    print(f"\n| metric | step 1 | step {last['step']} |\n|---|---|---|")
-    for key in ("loss", "rewards/accuracy", "rewards/margin", "tokens_per_s"):
-        print(f"| {key} | {first[key]:.4f} | {last[key]:.4f} |")
-    print(f"\nrun directory: {out.resolve()} (summary.json, checkpoints/, export/)")
+    t1 = time.time()
+    export = str(OUT / "export")
+    after = sts(export, tasks) if tasks else {}
+    generation = generation_report(export, base)
+    t_after = time.time() - t1
+    summary = json.loads((OUT / "summary.json").read_text())
+    result = {"model": base, "sts_before": before, "sts_after": after, "generation": generation,
+              "train": {"steps": summary["steps"], "time_s": summary["time_s"], "final": summary["final"]},
+              "eval_time_s": {"before": t_before, "after": t_after}, "total_time_s": time.time() - t0}
+    (OUT / "demo.json").write_text(json.dumps(result, indent=2))
+    print(table(result))
+    print(f"\nrun directory: {OUT.resolve()} (summary.json, demo.json, checkpoints/, export/)")
     return 0
+
+
+def _snli_available() -> bool:
+    from sempa_dist.data.sources import data_dir
+
+    root = data_dir()
+    return root is not None and (root / "nli" / "snli" / "s1.dev").is_file()
+
+
+def table(r: dict) -> str:
+    """Markdown before/after table of the demo's measurements."""
+    rows = ["| measure | before (untrained) | after SemPA | change |", "|---|---|---|---|"]
+    for task, b in r["sts_before"].items():
+        a = r["sts_after"][task]
+        rows.append(f"| STS Spearman x100: {task} | {b:.2f} | {a:.2f} | {a - b:+.2f} |")
+    g = r["generation"]
+    for kind in ("english", "responses"):
+        if f"nll_policy/{kind}" in g:
+            b, a = g[f"nll_reference/{kind}"], g[f"nll_policy/{kind}"]
+            rows.append(f"| held-out NLL/token: {kind} | {b:.4f} | {a:.4f} | {100 * (a - b) / b:+.2f} % |")
+            rows.append(f"| KL(policy ‖ reference)/token: {kind} | 0 | {g[f'kl/{kind}']:.4f} | |")
+    f = r["train"]["final"]
+    rows.append(f"| train reward accuracy (last step) | | {f.get('rewards/accuracy', float('nan')):.2f} | |")
+    rows.append(f"| train time (s), {r['train']['steps']} steps | | {r['train']['time_s']:.0f} | |")
+    rows.append(f"| total demo time (s) | | {r['total_time_s']:.0f} | |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

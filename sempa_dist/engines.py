@@ -230,7 +230,7 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) ->
     from tqdm import tqdm
 
     from sempa_dist.distributed import all_reduce_sum, barrier
-    from sempa_dist.packing import build_batch, plan_step
+    from sempa_dist.packing import build_batch, example_tokens, plan_step
 
     cache_dir = Path(cfg.ref.cache_dir) if cfg.ref.cache_dir else Path(cfg.train.output_dir).parent / "ref_cache"
     path = cache_dir / f"ref-{reference_fingerprint(cfg, data_fp)}.pt"
@@ -243,9 +243,11 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) ->
     counts = torch.zeros(n, k1, dtype=torch.float64)
     ref = EngineReference(cfg, dist)
     by_pos = {i: ex for i, ex in enumerate(examples)}
-    plan = plan_step([ex.num_tokens for ex in examples], dist.world_size, cfg.packing.max_tokens)[dist.rank]
+    shared = prefix_sharing(cfg)
+    sizes = [example_tokens(ex, shared) for ex in examples]
+    plan = plan_step(sizes, dist.world_size, cfg.packing.max_tokens)[dist.rank]
     for micro in tqdm(plan, desc="reference log-probs", disable=not dist.is_main):
-        batch = build_batch([by_pos[i] for i in micro], cfg.packing.layout).to(dist.device)
+        batch = build_batch([by_pos[i] for i in micro], cfg.packing.layout, prefix_sharing=shared).to(dist.device)
         s, c = ref.logps(batch)
         if micro:
             rows = torch.tensor([by_pos[i].index for i in micro])
@@ -261,6 +263,14 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) ->
         tmp.replace(path)  # atomic: a crash never leaves a half-written table behind
     barrier()
     return PrecomputedReference(sums, counts)
+
+
+def prefix_sharing(cfg: Config) -> bool:
+    """Whether batches share each prompt among its responses (packing.prefix_sharing, resolved)."""
+    from sempa_dist.attention import resolve_attn_implementation
+    from sempa_dist.packing import resolve_prefix_sharing
+
+    return resolve_prefix_sharing(cfg.packing.prefix_sharing, resolve_attn_implementation(cfg.model.attn_implementation))
 
 
 def build_reference(cfg: Config, dist: DistInfo, policy_engine, examples, data_fp: str):

@@ -41,14 +41,14 @@ def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Mod
 def sequence_logprobs(
     hidden: torch.Tensor, batch: PackedBatch, head: nn.Module, chunk_tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of response-token log-probs and response-token count per sequence: ([S], [S])."""
+    """Sum of response-token log-probs and response-token count per sequence: ([S], [S]).
+    The same routine serves every layout: the batch's scoring map says which hidden state
+    predicts which token (with prefix sharing one prompt position predicts several)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    seq = batch.target_seq.reshape(-1)
-    pos = (seq >= 0).nonzero().squeeze(1)
-    token_lp = chunked_token_logprobs(flat[pos], batch.target_ids.reshape(-1)[pos], head, chunk_tokens)
+    token_lp = chunked_token_logprobs(flat[batch.score_pos], batch.score_ids, head, chunk_tokens)
     n = batch.num_sequences
-    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, seq[pos], token_lp)
-    counts = torch.bincount(seq[pos], minlength=n)
+    sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, batch.score_seq, token_lp)
+    counts = torch.bincount(batch.score_seq, minlength=n)
     return sums, counts
 
 

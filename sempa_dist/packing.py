@@ -1,15 +1,21 @@
 """Packing preference examples into micro-batches.
 
-An example is a prompt with 1 + K responses (chosen first). Each response becomes its own
-sequence ``prompt + response``. A micro-batch is either
+An example is a prompt with 1 + K responses (chosen first). It becomes segments of tokens:
 
-- ``packed``: ONE row holding many sequences back to back, no padding; position_ids restart at
-  every sequence and the attention layer keeps sequences apart (see attention.py), or
-- ``padded``: one row per sequence, right-padded to the longest (the conventional baseline).
+- without prefix sharing, one segment ``prompt + response`` per response (the prompt is encoded
+  1 + K times);
+- with prefix sharing, ONE segment ``prompt | response_0 | ... | response_K``: every response's
+  position_ids continue from the prompt's end and the attention mask lets a response see the prompt
+  and itself, never a sibling (attention.py). SemPA's sequences are mostly prompt, so this saves
+  most of the tokens.
 
-Both layouts carry the same scoring map: at every row position, the id of the NEXT token
-(``target_ids``) and the sequence it belongs to (``target_seq``, -1 when that next token is not a
-response token). Sequences are numbered example-major: sequence ``e * (1 + K) + r`` is response
+A micro-batch is either ``packed`` (ONE row holding many segments back to back, no padding; the
+attention layer keeps segments apart) or ``padded`` (one right-padded row per segment: the
+conventional baseline).
+
+Every layout carries the same scoring map, as three aligned lists: the flat row position whose
+hidden state predicts a response token (``score_pos``), that token (``score_ids``) and its sequence
+(``score_seq``). Sequences are numbered example-major: sequence ``e * (1 + K) + r`` is response
 ``r`` of example ``e``, so per-sequence log-probs reshape to ``[examples, 1 + K]``.
 
 Planning (which examples go into which micro-batch on which rank) is separate from rendering.
@@ -31,15 +37,17 @@ from sempa_dist.data.tokenize import TokenizedExample
 class PackedBatch:
     input_ids: torch.Tensor  # [rows, length]
     position_ids: torch.Tensor  # [rows, length]
-    target_ids: torch.Tensor  # [rows, length]: next token (0 where unscored)
-    target_seq: torch.Tensor  # [rows, length]: sequence of that next token if it is a response token, else -1
-    response_mask: torch.Tensor  # [rows, length] bool: this token is a response token (the loss mask)
-    seq_lens: list[list[int]]  # per row, the lengths of its sequences in order (padded rows: [real length])
-    cu_seqlens: torch.Tensor  # int32 [sequences + 1]: sequence starts in the flattened packed row(s)
+    branch: torch.Tensor  # [rows, length]: 0 for prompt tokens; with prefix sharing, r + 1 for response r
+    score_pos: torch.Tensor  # [N]: flat position (row * length + col) whose hidden state predicts ...
+    score_ids: torch.Tensor  # [N]: ... this response token ...
+    score_seq: torch.Tensor  # [N]: ... of this sequence (example-major numbering)
+    seq_lens: list[list[int]]  # per row, the lengths of its segments in order (padded rows: [real length])
+    cu_seqlens: torch.Tensor  # int32 [segments + 1]: segment starts in the flattened packed row(s)
     example_ids: list[int]  # dataset index of each example in this micro-batch
     responses_per_example: int  # 1 + K
     layout: str
     pad_fraction: float
+    prefix_sharing: bool = False
 
     @property
     def num_examples(self) -> int:
@@ -62,51 +70,68 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-def _sequences(ex: TokenizedExample) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) of each prompt+response sequence of one example."""
-    return [(ex.prompt_ids + r, len(ex.prompt_ids)) for r in ex.responses]
+def example_tokens(ex: TokenizedExample, prefix_sharing: bool) -> int:
+    """Tokens an example occupies: the prompt once per response, or once in all with prefix sharing."""
+    return len(ex.prompt_ids) + sum(len(r) for r in ex.responses) if prefix_sharing else ex.num_tokens
 
 
-def build_batch(examples: Sequence[TokenizedExample], layout: str = "packed", pad_id: int = 0) -> PackedBatch:
-    """Render examples into one micro-batch. An empty list gives a 1-token dummy batch with nothing
+def _segments(ex: TokenizedExample, first_seq: int, prefix_sharing: bool):
+    """Yield (token ids, positions, branches, [(local position, target id, sequence)]) per segment."""
+    p = ex.prompt_ids
+    if not prefix_sharing:
+        for r, resp in enumerate(ex.responses):
+            ids = p + resp
+            # position i predicts token i + 1: the last prompt position predicts the first response token
+            scores = [(len(p) - 1 + t, tok, first_seq + r) for t, tok in enumerate(resp)]
+            yield ids, list(range(len(ids))), [0] * len(ids), scores
+        return
+    ids, pos, branch, scores = list(p), list(range(len(p))), [0] * len(p), []
+    for r, resp in enumerate(ex.responses):
+        start = len(ids)
+        # every response continues the prompt's positions; the last prompt token predicts each first token
+        predictors = [len(p) - 1] + list(range(start, start + len(resp) - 1))
+        scores += [(at, tok, first_seq + r) for at, tok in zip(predictors, resp, strict=True)]
+        ids += resp
+        pos += range(len(p), len(p) + len(resp))
+        branch += [r + 1] * len(resp)
+    yield ids, pos, branch, scores
+
+
+def build_batch(
+    examples: Sequence[TokenizedExample], layout: str = "packed", pad_id: int = 0, prefix_sharing: bool = False
+) -> PackedBatch:
+    """Render examples into one micro-batch of segments: one per prompt+response sequence, or with
+    `prefix_sharing` one per example (prompt once, then every response; see attention.py for the
+    mask that keeps sibling responses apart). An empty list gives a 1-token dummy batch with nothing
     scored: a rank with no example left still runs the forward/backward its peers' collectives need."""
+    if layout not in ("packed", "padded"):
+        raise ValueError(f"unknown packing layout {layout!r}")
     k1 = len(examples[0].responses) if examples else 1
     if any(len(ex.responses) != k1 for ex in examples):
         raise ValueError("all examples of a batch need the same number of responses")
-    seqs = [s for ex in examples for s in _sequences(ex)]
-    if not seqs:
-        seqs = [([pad_id], 1)]
-    if layout == "packed":
-        rows = [seqs]
-    elif layout == "padded":
-        rows = [[s] for s in seqs]
-    else:
-        raise ValueError(f"unknown packing layout {layout!r}")
-    length = max(sum(len(ids) for ids, _ in row) for row in rows)
-    n_rows = len(rows)
-    input_ids = torch.full((n_rows, length), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((n_rows, length), dtype=torch.long)
-    target_ids = torch.zeros((n_rows, length), dtype=torch.long)
-    target_seq = torch.full((n_rows, length), -1, dtype=torch.long)
-    response_mask = torch.zeros((n_rows, length), dtype=torch.bool)
+    segs = [seg for e, ex in enumerate(examples) for seg in _segments(ex, e * k1, prefix_sharing)]
+    if not segs:
+        segs = [([pad_id], [0], [0], [])]
+    rows = [segs] if layout == "packed" else [[seg] for seg in segs]
+    length = max(sum(len(seg[0]) for seg in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    branch = torch.zeros((len(rows), length), dtype=torch.long)
+    score_pos, score_ids, score_seq = [], [], []
     seq_lens: list[list[int]] = []
-    seq_no = 0
     for r, row in enumerate(rows):
-        off = 0
-        lens = []
-        for ids, plen in row:
+        off, lens = 0, []
+        for ids, pos, br, scores in row:
             n = len(ids)
-            t = torch.tensor(ids, dtype=torch.long)
-            input_ids[r, off : off + n] = t
-            position_ids[r, off : off + n] = torch.arange(n)
-            # position p predicts token p + 1; it is scored when that token is a response token
-            target_ids[r, off : off + n - 1] = t[1:]
-            if examples:
-                target_seq[r, off + plen - 1 : off + n - 1] = seq_no
-                response_mask[r, off + plen : off + n] = True
+            input_ids[r, off : off + n] = torch.tensor(ids)
+            position_ids[r, off : off + n] = torch.tensor(pos)
+            branch[r, off : off + n] = torch.tensor(br)
+            for at, tok, seq in scores:
+                score_pos.append(r * length + off + at)
+                score_ids.append(tok)
+                score_seq.append(seq)
             lens.append(n)
             off += n
-            seq_no += 1
         if layout == "padded" and off < length:
             position_ids[r, off:] = torch.arange(off, length)
         seq_lens.append(lens)
@@ -115,11 +140,21 @@ def build_batch(examples: Sequence[TokenizedExample], layout: str = "packed", pa
     cu[1:] = torch.cumsum(torch.tensor(flat_lens, dtype=torch.int32), 0)
     real = sum(flat_lens)
     return PackedBatch(
-        input_ids=input_ids, position_ids=position_ids, target_ids=target_ids, target_seq=target_seq,
-        response_mask=response_mask, seq_lens=seq_lens, cu_seqlens=cu,
+        input_ids=input_ids, position_ids=position_ids, branch=branch,
+        score_pos=torch.tensor(score_pos, dtype=torch.long), score_ids=torch.tensor(score_ids, dtype=torch.long),
+        score_seq=torch.tensor(score_seq, dtype=torch.long), seq_lens=seq_lens, cu_seqlens=cu,
         example_ids=[ex.index for ex in examples], responses_per_example=k1, layout=layout,
-        pad_fraction=1.0 - real / input_ids.numel() if examples else 1.0,
+        pad_fraction=1.0 - real / input_ids.numel() if examples else 1.0, prefix_sharing=prefix_sharing,
     )
+
+
+def resolve_prefix_sharing(mode: str, attn_implementation: str) -> bool:
+    """packing.prefix_sharing: on/off as given; auto = on unless the kernel is flash-attn varlen,
+    which cannot hide sibling responses from each other (and is faster without sharing on GPU)."""
+    if mode == "on" and attn_implementation == "flash_attention_2":
+        raise ValueError("packing.prefix_sharing=on needs sdpa, eager or flex_attention; flash-attn varlen cannot mask "
+                         "sibling responses (use auto or off with flash_attention_2)")
+    return mode == "on" or (mode == "auto" and attn_implementation != "flash_attention_2")
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:

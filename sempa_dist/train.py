@@ -22,14 +22,14 @@ from typing import Any
 import torch
 import yaml
 
-from sempa_dist import checkpoint
+from sempa_dist import checkpoint, tracking
 from sempa_dist.config import Config, load_config
 from sempa_dist.data import load_triplets, tokenize_triplets
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from sempa_dist.engines import build_policy, build_reference
+from sempa_dist.engines import build_policy, build_reference, prefix_sharing
 from sempa_dist.loss import preference_loss
 from sempa_dist.models import load_tokenizer
-from sempa_dist.packing import build_batch, plan_step
+from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.preemption import Preempted, PreemptionFlag
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
@@ -66,10 +66,49 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
+def truncate_metrics(out_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl rows past the checkpoint a resumed run restarts from: they are redone."""
+    path = out_dir / "metrics.jsonl"
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, cfg: Config, dist: DistInfo, tasks: list[str]) -> dict[str, float]:
+    """STS Spearman of the policy as it is now, on the ZeRO-3 engine itself. Collective: sentences
+    are sharded over ranks and every rank runs the same forwards, so the parameter gathers line up."""
+    from sempa_dist.eval import Encoder, evaluate_sts
+
+    was_training = policy.training
+    policy.eval()
+    e = cfg.eval
+    encoder = Encoder(policy.module.hidden_states, tokenizer, e.prompt, e.pooling, e.normalize, e.batch_size,
+                      dist.device, show_progress=dist.is_main)
+    scores = evaluate_sts(encoder.encode, tasks, max_pairs=e.max_pairs)
+    policy.train(was_training)
+    return scores
+
+
+def log_eval(out_dir: Path, dist: DistInfo, tracker, step: int, scores: dict[str, float], prefix: str = "sts") -> None:
+    if dist.is_main:
+        with open(out_dir / "eval.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, prefix: scores}) + "\n")
+        tracker.log_metrics({f"{prefix}/{k}": v for k, v in scores.items()}, step=step)
+
+
 def train(cfg: Config) -> dict[str, Any]:
+    """Train as configured; every rank calls it. Returns the run summary."""
     quiet_library_warnings()
     dist = init_distributed(cfg.deepspeed.timeout_s)
     cfg.validate(world_size=dist.world_size)
+    # MLflow run on rank 0 (a no-op elsewhere): leaving the block ends it FINISHED or FAILED, or, when
+    # preempted, leaves it RUNNING for the requeued job to continue
+    with tracking.start(cfg, dist, kind="train") as tracker:
+        return run_training(cfg, dist, tracker)
+
+
+def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:
     out_dir = Path(cfg.train.output_dir)
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,16 +117,19 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # data
     tokenizer, examples, load_report, tok_report = prepare_data(cfg, dist)
+    tracker.log_dataset(load_report, tok_report)
     B = cfg.train.global_batch_size
     steps_per_epoch = len(examples) // B
     if steps_per_epoch == 0:
         raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
-    sizes = [ex.num_tokens for ex in examples]
+    shared = prefix_sharing(cfg)  # each prompt encoded once for its 1 + K responses
+    sizes = [example_tokens(ex, shared) for ex in examples]
 
     # engines
     policy, ds_config = build_policy(cfg, dist, total_steps)
     reference = build_reference(cfg, dist, policy, examples, tok_report.fingerprint)
+    tracker.log_dict("deepspeed.json", {"policy": ds_config, "reference": getattr(reference, "ds_config", None)})
 
     # resume
     start_step, state = 0, {}
@@ -98,6 +140,7 @@ def train(cfg: Config) -> dict[str, Any]:
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if dist.is_main:
             print(f"resumed from {resume_from} at step {start_step}", flush=True)
+            truncate_metrics(out_dir, start_step)
 
     from tqdm import tqdm
 
@@ -112,7 +155,7 @@ def train(cfg: Config) -> dict[str, Any]:
         plan = plan_step([sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
         sums = torch.zeros(len(METRICS) + 4, dtype=torch.float64)
         for m, micro in enumerate(plan):
-            batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id)
+            batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id, shared)
             batch = batch.to(dist.device)
             policy.set_gradient_accumulation_boundary(m == len(plan) - 1)
             out = policy(batch)
@@ -150,11 +193,17 @@ def train(cfg: Config) -> dict[str, Any]:
         if dist.is_main and (step + 1) % cfg.train.log_every == 0:
             with open(out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
+            tracker.log_metrics(row, step=step + 1)
         last = step + 1 == total_steps
+        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
+            scores = evaluate_policy(policy, tokenizer, cfg, dist, cfg.eval.tasks)
+            log_eval(out_dir, dist, tracker, step + 1, scores)
+            row.update({f"sts/{k}": v for k, v in scores.items()})
         preempted = totals[PREEMPT] > 0  # every rank sees the same sum, so all stop at this step
         if last or preempted or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             state = {"step": step + 1, "epoch": epoch, "world_size": dist.world_size,
-                     "examples_seen": (step + 1) * B, "torch_rng": torch.get_rng_state().tolist()}
+                     "examples_seen": (step + 1) * B, "torch_rng": torch.get_rng_state().tolist(),
+                     "mlflow_run_id": tracker.run_id}
             tag_dir = checkpoint.save(policy, out_dir, step + 1, state, dist, cfg.train.keep_checkpoints)
         if preempted and not last:
             bar.close()
@@ -169,27 +218,35 @@ def train(cfg: Config) -> dict[str, Any]:
 
     # log-probs of a fixed probe batch under the final policy: `sempa-export` output must reproduce them
     policy.eval()
-    probe = build_batch(examples[:4], cfg.packing.layout, tokenizer.pad_token_id).to(dist.device)
+    probe = build_batch(examples[:4], cfg.packing.layout, tokenizer.pad_token_id, shared).to(dist.device)
     with torch.no_grad():
         probe_sums = policy(probe).sums.float().cpu().tolist()
+
+    final_sts = evaluate_policy(policy, tokenizer, cfg, dist, cfg.eval.final_tasks) if cfg.eval.final_tasks else {}
+    if final_sts:
+        log_eval(out_dir, dist, tracker, total_steps, final_sts, prefix="final_sts")
 
     summary: dict[str, Any] = {
         "final": history[-1] if history else {},
         "steps": total_steps, "start_step": start_step, "world_size": dist.world_size,
         "examples": len(examples), "data": {"load": load_report.__dict__, "tokenize": tok_report.__dict__},
         "time_s": time.time() - t_start, "config": cfg.to_dict(),
-        "probe": {"example_ids": probe.example_ids, "sums": probe_sums},
+        "probe": {"example_ids": probe.example_ids, "sums": probe_sums}, "mlflow_run_id": tracker.run_id,
+        "final_sts": final_sts,
     }
     if dist.is_main and cfg.train.export and history:
         summary["export"] = str(checkpoint.export(tag_dir, out_dir / "export", cfg, cfg.train.merge_lora))
     barrier()
     if dist.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        tracker.log_summary(summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # the deepspeed launcher inserts --local_rank=N (LOCAL_RANK is in the environment anyway)
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
     cfg = load_config(path, overrides).validate(world_size=int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)

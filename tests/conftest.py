@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest_plugins = ["tests.mlflow_server"]  # the `mlflow_server` fixture (a real server process group)
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():

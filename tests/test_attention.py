@@ -16,8 +16,9 @@ def per_token_logprobs(scorer: SequenceScorer, batch) -> list[torch.Tensor]:
     with torch.no_grad():
         hidden = scorer.hidden_states(batch)
         logits = scorer.model.get_output_embeddings()(hidden).float().log_softmax(-1)
-    lp = logits.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
-    return [lp[batch.target_seq == s] for s in range(batch.num_sequences)]
+    flat = logits.reshape(-1, logits.shape[-1])[batch.score_pos]
+    lp = flat.gather(-1, batch.score_ids.unsqueeze(-1)).squeeze(-1)
+    return [lp[batch.score_seq == s] for s in range(batch.num_sequences)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -78,3 +79,53 @@ def test_auto_attention_is_sdpa_without_flash_and_explicit_flash_fails_clearly()
     assert resolve_attn_implementation("auto") == "sdpa"
     with pytest.raises(RuntimeError, match="flash-attn"):
         resolve_attn_implementation("flash_attention_2")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_prefix_sharing_equals_separate_sequences_values_and_gradients(arch, k, impl):
+    """Prompt encoded once for its 1 + K responses == each prompt + response run alone (fp32), for
+    per-response log-probs, their gradients, and the preference loss built on them."""
+    from sempa_dist.loss import preference_loss
+
+    model = tiny_model(arch, impl).train()
+    scorer = SequenceScorer(model, impl, chunk_tokens=8)
+    exs = random_examples(5, k=k, seed=11, prompt_range=(2, 30), response_range=(1, 12))
+    weights = torch.randn(len(exs) * (k + 1))
+
+    def run(batch):
+        model.zero_grad()
+        sums = scorer(batch).sums
+        (sums * weights).sum().backward()
+        return sums.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared_sums, shared_grads = run(build_batch(exs, "packed", prefix_sharing=True))
+    plain_sums, plain_grads = run(build_batch(exs, "packed"))
+    alone = torch.stack([scorer(build_batch([type(ex)(ex.prompt_ids, [r], 0)], "packed")).sums[0].detach()
+                         for ex in exs for r in ex.responses])
+    torch.testing.assert_close(shared_sums, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(shared_sums, plain_sums, atol=1e-5, rtol=0)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    ref = plain_sums - 0.5
+    loss_shared, _ = preference_loss(shared_sums.view(-1, k + 1), ref.view(-1, k + 1), 0.1, "plackett_luce")
+    loss_plain, _ = preference_loss(plain_sums.view(-1, k + 1), ref.view(-1, k + 1), 0.1, "plackett_luce")
+    torch.testing.assert_close(loss_shared, loss_plain, atol=1e-6, rtol=0)
+    padded_shared = scorer(build_batch(exs, "padded", prefix_sharing=True)).sums.detach()
+    torch.testing.assert_close(padded_shared, alone, atol=1e-5, rtol=0)
+
+
+def test_prefix_sharing_mask_hides_siblings():
+    """Without the branch term a response would see its siblings: the mask is what makes sharing exact."""
+    exs = random_examples(1, k=2, seed=12, prompt_range=(3, 4), response_range=(2, 3))
+    b = build_batch(exs, "packed", prefix_sharing=True)
+    n = b.input_ids.shape[1]
+    mask = block_causal_mask(b.seq_lens, n, b.branch)[0, 0]
+    br = b.branch[0]
+    for q in range(n):
+        for kk in range(n):
+            expected = kk <= q and (br[kk] == 0 or br[kk] == br[q])
+            assert bool(mask[q, kk]) == bool(expected), (q, kk)
+    with pytest.raises(ValueError, match="flash-attn varlen cannot"):
+        attention_inputs(b, "flash_attention_2")

@@ -8,9 +8,9 @@ from tests.tiny import random_examples, tiny_model
 def naive_sequence_logprobs(model, batch):
     """Full [tokens, vocab] logits, the textbook way."""
     hidden = SequenceScorer(model, "sdpa", 1).hidden_states(batch)
-    logp = model.lm_head(hidden).float().log_softmax(-1)
-    tok = logp.gather(-1, batch.target_ids.unsqueeze(-1)).squeeze(-1)
-    sums = torch.stack([tok[batch.target_seq == s].sum() for s in range(batch.num_sequences)])
+    logp = model.lm_head(hidden).float().log_softmax(-1).reshape(-1, model.config.vocab_size)
+    tok = logp[batch.score_pos].gather(-1, batch.score_ids.unsqueeze(-1)).squeeze(-1)
+    sums = torch.stack([tok[batch.score_seq == s].sum() for s in range(batch.num_sequences)])
     return sums
 
 
@@ -40,7 +40,7 @@ def test_chunking_bounds_the_logits_tensor():
     batch = build_batch(random_examples(8, k=1, seed=8), "packed")
     with torch.no_grad():
         SequenceScorer(model, "sdpa", 10)(batch)
-    assert max(seen) <= 10 and sum(seen) == int((batch.target_seq >= 0).sum())
+    assert max(seen) <= 10 and sum(seen) == len(batch.score_pos)
 
 
 def test_empty_selection_and_dummy_batch():

@@ -2,7 +2,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sempa_dist.packing import build_batch, first_fit_decreasing, packing_efficiency, plan_step
+from sempa_dist.packing import (
+    build_batch,
+    example_tokens,
+    first_fit_decreasing,
+    packing_efficiency,
+    plan_step,
+)
 from tests.tiny import random_examples
 
 
@@ -20,10 +26,11 @@ def test_packed_layout_positions_targets_and_masks():
         assert b.input_ids[0, off : off + n].tolist() == seq
         assert b.position_ids[0, off : off + n].tolist() == list(range(n))
         # the last prompt position predicts the first response token; the sequence's last token predicts nothing
-        assert b.target_seq[0, off : off + n].tolist() == [-1] * (p - 1) + [s] * len(r) + [-1]
-        assert b.target_ids[0, off + p - 1 : off + n - 1].tolist() == r
-        assert b.response_mask[0, off : off + n].tolist() == [False] * p + [True] * len(r)
+        mine = b.score_seq == s
+        assert b.score_pos[mine].tolist() == list(range(off + p - 1, off + n - 1))
+        assert b.score_ids[mine].tolist() == r
         off += n
+    assert not b.prefix_sharing and (b.branch == 0).all()
     assert b.num_sequences == 9 and b.example_ids == [0, 1, 2]
 
 
@@ -34,14 +41,43 @@ def test_padded_layout_one_row_per_sequence():
     assert b.input_ids.shape == (8, max(lens))
     assert [x[0] for x in b.seq_lens] == lens
     assert b.pad_fraction == pytest.approx(1 - sum(lens) / (8 * max(lens)))
-    assert int((b.target_seq >= 0).sum()) == sum(len(r) for e in exs for r in e.responses)
+    assert len(b.score_pos) == sum(len(r) for e in exs for r in e.responses)
+    assert all(int(b.input_ids.view(-1)[pos + 1]) == tok for pos, tok in zip(b.score_pos.tolist(), b.score_ids.tolist(), strict=True))
     for row, n in enumerate(lens):
         assert (b.input_ids[row, n:] == 0).all()
 
 
 def test_empty_batch_is_a_scoreless_dummy():
     b = build_batch([], "packed", pad_id=5)
-    assert b.input_ids.tolist() == [[5]] and b.num_examples == 0 and (b.target_seq < 0).all()
+    assert b.input_ids.tolist() == [[5]] and b.num_examples == 0 and len(b.score_pos) == 0
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_prefix_sharing_layout(layout):
+    """One segment per example: prompt once, each response continues the prompt's positions, the
+    last prompt position predicts every response's first token."""
+    exs = random_examples(3, k=2, seed=5)
+    b = build_batch(exs, layout, pad_id=0, prefix_sharing=True)
+    seg_lens = [len(e.prompt_ids) + sum(len(r) for r in e.responses) for e in exs]
+    assert [n for lens in b.seq_lens for n in lens] == seg_lens
+    assert b.real_tokens == sum(example_tokens(e, True) for e in exs) < sum(example_tokens(e, False) for e in exs)
+    flat_ids, flat_pos, flat_br = b.input_ids.view(-1), b.position_ids.view(-1), b.branch.view(-1)
+    row_len = b.input_ids.shape[1]
+    for e, ex in enumerate(exs):
+        start = (e * row_len) if layout == "padded" else sum(seg_lens[:e])
+        p = len(ex.prompt_ids)
+        assert flat_ids[start : start + p].tolist() == ex.prompt_ids
+        assert flat_br[start : start + p].tolist() == [0] * p
+        off = start + p
+        for r, resp in enumerate(ex.responses):
+            s = e * 3 + r
+            assert flat_ids[off : off + len(resp)].tolist() == resp
+            assert flat_pos[off : off + len(resp)].tolist() == list(range(p, p + len(resp)))
+            assert flat_br[off : off + len(resp)].tolist() == [r + 1] * len(resp)
+            mine = b.score_seq == s
+            assert b.score_pos[mine].tolist() == [start + p - 1] + list(range(off, off + len(resp) - 1))
+            assert b.score_ids[mine].tolist() == resp
+            off += len(resp)
 
 
 def test_first_fit_decreasing_places_everything_within_capacity():

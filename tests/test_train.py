@@ -126,3 +126,23 @@ def test_precomputed_reference_is_aligned_and_reused(tmp_path):
     sempa_train(*args, f"train.output_dir={tmp_path}/b")
     assert tables[0].stat().st_mtime_ns == stamp  # reused, not recomputed
     assert [r["loss"] for r in metrics(tmp_path / "b")] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+
+
+@pytest.mark.data
+def test_sts_eval_during_training_matches_eval_of_the_export(tmp_path):
+    """eval.every runs STS on the ZeRO-3 engine (sentences sharded over both ranks); its last score
+    must equal a one-process evaluation of the exported model, and it lands in eval.jsonl."""
+    from sempa_dist.eval import Encoder, evaluate_sts
+    from sempa_dist.eval.sts import data_available
+
+    if not data_available():
+        pytest.skip("STS data not found (SEMPA_DATA_DIR)")
+    out = tmp_path / "run"
+    sempa_train("configs/tiny_cpu.yaml", f"train.output_dir={out}", "train.max_steps=4", "train.save_every=0",
+                "eval.every=2", "eval.tasks=[stsb-dev]", "eval.max_pairs=40", "tracking.enabled=false")
+    rows = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert set(rows[-1]["sts"]) == {"stsb-dev", "avg"}
+    alone = evaluate_sts(Encoder.from_pretrained(out / "export").encode, ["stsb-dev"], max_pairs=40)
+    assert rows[-1]["sts"]["stsb-dev"] == pytest.approx(alone["stsb-dev"], abs=0.05)
+    assert rows[0]["sts"]["stsb-dev"] != rows[-1]["sts"]["stsb-dev"]  # the policy moved between evals

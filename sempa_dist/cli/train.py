@@ -8,12 +8,16 @@ elastic agent (which fails the whole job fast when one rank dies).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from sempa_dist.config import ConfigError, describe, load_config
 from sempa_dist.distributed import free_port, launched_by_launcher
+from sempa_dist.preemption import PREEMPTED_EXIT_CODE
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -46,10 +50,40 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           f"--master_port={free_port()}", "--max_restarts=0", "-m", "sempa_dist.train"]
+           f"--master_port={free_port()}", "--max_restarts=0", *forward_preemption_flags(), "-m", "sempa_dist.train"]
     cmd += ([config] if config else []) + overrides
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
-    return subprocess.call(cmd, env=env)
+    marker = Path(cfg.train.output_dir) / "PREEMPTED"
+    # torchrun forwards TERM/USR1 to the ranks (which checkpoint and exit 75) but dies itself with
+    # code 1: ignore them here, wait for it, and report the preemption with the ranks' own code
+    with _ignoring(signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        proc = subprocess.Popen(cmd, env=env)
+        rc = proc.wait()
+    if rc != 0 and marker.is_file():
+        return PREEMPTED_EXIT_CODE
+    return rc
+
+
+def forward_preemption_flags() -> list[str]:
+    """torchrun >= 2.9 can forward SIGUSR1 (Slurm's preemption warning) to its ranks; by default it
+    handles only TERM/INT/HUP/QUIT and dies on USR1, leaving the ranks without their checkpoint."""
+    import torch
+
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 9):
+        return []
+    return ["--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"]
+
+
+@contextlib.contextmanager
+def _ignoring(*signals: signal.Signals):
+    """Let the child (torchrun, same process group) receive these signals while this parent waits."""
+    previous = {s: signal.signal(s, lambda *_: None) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

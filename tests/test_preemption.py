@@ -1,0 +1,120 @@
+"""Preemption without Slurm: a signal mid-run -> checkpoint at the step boundary, PREEMPTED marker,
+exit code 75; `train.resume=auto` then finishes the run with exactly the losses of an uninterrupted one.
+
+Process tree of `sempa-train CONFIG` with train.nproc=2 (measured, torch 2.13):
+
+    sempa-train (python -m sempa_dist.cli.train)        session S
+      torchrun (python -m torch.distributed.run)        session S
+        rank 0, rank 1 (python -m sempa_dist.train)     a new session each (torchrun starts them so)
+
+so a signal to the launcher's process group reaches the ranks only through torchrun:
+- sempa-train ignores TERM/USR1/INT while torchrun runs (it must outlive it to report the outcome);
+- torchrun handles TERM and (started with --signals_to_handle) USR1: it passes the signal to its
+  ranks and waits for them; they checkpoint and exit 75; torchrun exits 1 with a report naming 75;
+- sempa-train sees <output_dir>/PREEMPTED and returns 75, the code the Slurm script requeues on.
+A signal to one rank only works too: the flag is all-reduced with the step's metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sempa_dist.checkpoint import COMPLETE
+from sempa_dist.preemption import PREEMPTED_EXIT_CODE
+from tests.distributed import REPO, metrics, sempa_train
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+ARGS = ["configs/tiny_cpu.yaml", f"train.max_steps={STEPS}", "train.save_every=0", "train.export=false"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[dict]:
+    """The same run, uninterrupted."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    sempa_train(*ARGS, f"train.output_dir={out}")
+    return metrics(out)
+
+
+def start_training(out: Path, log: Path) -> subprocess.Popen:
+    """sempa-train in a session of its own (so the test can signal its whole group), output to a file."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    with open(log, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "sempa_dist.cli.train", *ARGS, f"train.output_dir={out}"],
+                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def ranks_of(launcher: subprocess.Popen, n: int = 2, timeout: float = 60) -> tuple[psutil.Process, list[psutil.Process]]:
+    """(torchrun, [rank 0, rank 1, ...]): torchrun is sempa-train's child, the ranks are its children."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kids = psutil.Process(launcher.pid).children()
+        if kids:
+            ranks = [p for p in kids[0].children() if "sempa_dist.train" in " ".join(p.cmdline())]
+            if len(ranks) == n:
+                return kids[0], sorted(ranks, key=lambda p: int(p.environ()["RANK"]))
+        assert time.monotonic() < deadline and launcher.poll() is None, "ranks did not start"
+        time.sleep(0.2)
+
+
+def wait_for_steps(out: Path, n: int, launcher: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= n):
+        assert launcher.poll() is None, f"training ended before step {n}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no step {n} after {timeout}s"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("how", ["usr1_to_one_rank", "term_to_launcher_group", "usr1_to_launcher_group"])
+def test_signal_checkpoints_then_resume_matches_uninterrupted(reference, tmp_path, how):
+    out, log = tmp_path / "run", tmp_path / "train.log"
+    launcher = start_training(out, log)
+    try:
+        torchrun, ranks = ranks_of(launcher)
+        wait_for_steps(out, 3, launcher, log)
+        if how == "usr1_to_one_rank":
+            # rank 1 only: the flag is all-reduced with the step's metrics, so rank 0 stops at the same step
+            ranks[1].send_signal(signal.SIGUSR1)
+        else:
+            sig = signal.SIGTERM if how.startswith("term") else signal.SIGUSR1
+            os.killpg(launcher.pid, sig)  # sempa-train (ignores it) and torchrun (forwards it)
+        rc = launcher.wait(timeout=120)
+        # sempa-train may be gone before its orphaned torchrun and ranks: wait for the whole tree
+        _, alive = psutil.wait_procs([torchrun, *ranks], timeout=120)
+        assert not alive, f"still running: {alive}"
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    # ranks exit 75; torchrun reports it and exits 1; sempa-train finds the marker and returns 75
+    assert rc == PREEMPTED_EXIT_CODE, text[-3000:]
+    assert "exitcode  : 75" in text or "closing signal" in text, text[-3000:]
+
+    marker = json.loads((out / "PREEMPTED").read_text())
+    stopped = marker["step"]
+    assert 3 <= stopped < STEPS, marker
+    ckpt = out / "checkpoints" / f"step-{stopped:06d}"
+    assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
+    assert (ckpt / COMPLETE).is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == stopped
+    assert [r["step"] for r in metrics(out)] == list(range(1, stopped + 1))  # logged == checkpointed
+
+    sempa_train(*ARGS, f"train.output_dir={out}", "train.resume=auto")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # nothing lost, nothing repeated
+    for r, ref in zip(rows, reference, strict=True):
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6), r["step"]
+        assert r["rewards/margin"] == pytest.approx(ref["rewards/margin"], abs=1e-6), r["step"]
+    assert not (out / "PREEMPTED").exists()
+    assert json.loads((out / "summary.json").read_text())["start_step"] == stopped
