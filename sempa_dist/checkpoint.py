@@ -5,6 +5,14 @@ DeepSpeed's per-rank shards, our ``trainer_state.json`` (data position, RNG, run
 ``COMPLETE`` marker written after every rank finished. ``latest`` is a one-line file replaced
 atomically only after that marker exists, so a crash mid-save leaves the previous checkpoint as
 the one ``resume: auto`` picks.
+
+Resume on another world size (N ranks wrote it, M resume it): DeepSpeed's ZeRO-3 shards are flat
+per-rank partitions that only the same N can load. Such a checkpoint is converted once by DeepSpeed's
+``ds_to_universal`` into ``<tag>/universal`` (one file per parameter and state: fp32 weights, Adam
+``exp_avg``/``exp_avg_sq``; world-size free) and loaded by an engine whose DeepSpeed config sets
+``checkpoint.load_universal``, each rank cutting out its new partition. Weights, optimizer state,
+LR schedule and our trainer state all carry over, and the data position is the step (the example
+order depends on seed and epoch only).
 """
 
 from __future__ import annotations
@@ -12,14 +20,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sempa_dist.distributed import DistInfo, barrier
+from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier
 
 COMPLETE = "COMPLETE"
+UNIVERSAL = "universal"  # <tag>/universal: DeepSpeed's universal conversion of the tag, made on demand
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -30,6 +41,11 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist:
     """Collective: every rank must call. Returns the tag directory."""
     root = checkpoint_root(output_dir)
     tag = f"step-{step:06d}"
+    if dist.is_main and (root / tag).exists():
+        # an older run's tag of the same name (a fresh run in a reused output_dir): its COMPLETE marker
+        # must not vouch for shards this save has not written yet
+        shutil.rmtree(root / tag)
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state={"sempa": state}, save_latest=False)
     barrier()  # every shard is on disk before the checkpoint is declared complete
     if dist.is_main:
@@ -68,6 +84,17 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def refuse_to_overwrite(resume: str, output_dir: str | Path) -> None:
+    """A fresh run (`resume: never`) must not mix its checkpoints with an earlier run's in the same
+    directory (`latest`, pruning and resume would pick between them): fail before any work."""
+    tags = complete_tags(checkpoint_root(output_dir))
+    if resume == "never" and tags:
+        raise FileExistsError(
+            f"train.output_dir: {output_dir} already holds checkpoints of an earlier run ({', '.join(tags[-2:])}); "
+            "continue it with train.resume=auto, or give a new train.output_dir"
+        )
+
+
 def find_resume(resume: str, output_dir: str | Path) -> Path | None:
     """'never' -> None; 'auto' -> the latest COMPLETE checkpoint or None; a path -> that checkpoint."""
     if resume == "never":
@@ -87,13 +114,94 @@ def find_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def load(engine, tag_dir: Path) -> dict[str, Any]:
-    """Collective: restore engine (weights, optimizer, scheduler) and return our trainer state."""
-    _, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+def load(engine, tag_dir: Path, universal: bool = False) -> dict[str, Any]:
+    """Collective: restore engine (weights, optimizer, scheduler) and return our trainer state.
+
+    `universal`: load `tag_dir`'s universal conversion (see `prepare_universal`); the engine must
+    have been built with ``checkpoint.load_universal`` in its DeepSpeed config."""
+    if universal:
+        if not engine.load_universal_checkpoint():
+            raise RuntimeError("checkpoint.load(universal=True) needs an engine built with "
+                               "DeepSpeed config checkpoint.load_universal=true")
+        load_dir, tag = tag_dir, UNIVERSAL  # DeepSpeed reads <load_dir>/<tag>/zero/<param>/*.pt
+    else:
+        load_dir, tag = tag_dir.parent, tag_dir.name
+    _, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if client is None or "sempa" not in client:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client["sempa"]
+
+
+def saved_world_size(tag_dir: Path) -> int:
+    """Ranks that wrote `tag_dir`: trainer_state.json's world_size, else its count of ZeRO shards."""
+    state_file = tag_dir / "trainer_state.json"
+    if state_file.is_file():
+        world = json.loads(state_file.read_text()).get("world_size")
+        if world:
+            return int(world)
+    shards = list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    if not shards:
+        raise FileNotFoundError(f"{tag_dir}: no ZeRO optimizer shards (*zero_pp_rank_*_optim_states.pt)")
+    return len(shards)
+
+
+def needs_universal(tag_dir: Path | None, world_size: int) -> bool:
+    """Whether resuming `tag_dir` on `world_size` ranks must go through the universal format: only
+    when the world size changed (the same world size keeps the direct per-rank shard load)."""
+    return tag_dir is not None and saved_world_size(tag_dir) != world_size
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """`<tag_dir>/universal`, DeepSpeed's universal checkpoint of `tag_dir`, converted on first use
+    and reused after. One process, no process group (rank 0 calls it; tests may call it directly).
+
+    The conversion is written under a temporary name and renamed into place with a COMPLETE marker,
+    so a crash mid-conversion never leaves a half universal checkpoint that a later resume trusts.
+    It runs as a separate process (`python -m deepspeed.checkpoint.ds_to_universal`): its worker
+    pool then forks a process without CUDA or process-group state, and its memory (every shard is
+    read) is returned before the engines are built."""
+    out = tag_dir / UNIVERSAL
+    if (out / COMPLETE).is_file():
+        return out
+    for debris in [out, *tag_dir.glob(f".{UNIVERSAL}.tmp*")]:  # an earlier conversion that crashed
+        shutil.rmtree(debris, ignore_errors=True)
+    tmp = tag_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
+    cpus = os.cpu_count() or 1
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", str(min(4, cpus)),
+           "--num_merge_workers", str(min(2, cpus))]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # ds_to_universal points a `latest_universal` file beside its output at the temporary name:
+    # we always name the tag when loading, so it would only mislead
+    (tag_dir / "latest_universal").unlink(missing_ok=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join(proc.stdout.splitlines()[-30:])
+        raise RuntimeError(f"{tag_dir}: conversion to DeepSpeed's universal checkpoint failed "
+                           f"(exit {proc.returncode}):\n{tail}")
+    _write_atomic(tmp / COMPLETE, "ok\n")
+    os.replace(tmp, out)
+    return out
+
+
+def prepare_universal(tag_dir: Path, dist: DistInfo) -> Path:
+    """Collective: rank 0 converts `tag_dir` (or finds its cached conversion) while the others wait.
+    A failed conversion fails every rank at once (rank 0 with the converter's error) instead of
+    leaving the others in a barrier until the collective timeout. Checkpoints live on shared
+    storage, so every node sees rank 0's files."""
+    error: Exception | None = None
+    if dist.is_main:
+        try:
+            convert_to_universal(tag_dir)
+        except Exception as e:  # raised below, once every rank knows
+            error = e
+    failed = all_reduce_sum(torch.tensor([float(error is not None)], device=dist.device))
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"{tag_dir}: rank 0 could not convert it to a universal checkpoint (see rank 0's error)")
+    return tag_dir / UNIVERSAL
 
 
 # ----------------------------------------------------------------------------------------------

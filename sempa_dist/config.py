@@ -125,9 +125,6 @@ class TrainConfig:
     export: bool = _f(True, "Write a consolidated HF model to <output_dir>/export at the end.")
     merge_lora: bool = _f(True, "Export LoRA merged into the weights (else as an adapter).")
     nproc: int = _f(1, "Processes sempa-train spawns on this machine when not started by a launcher.")
-    on_nonfinite: Literal["skip", "stop"] = _f(
-        "skip", "NaN/inf loss or grad norm: skip the optimizer step (counted), or stop keeping the last good checkpoint."
-    )
 
 
 @dataclass
@@ -331,7 +328,9 @@ def _is_str_field(key: str) -> bool:
         if tp is None:
             return False
         if i == len(parts) - 1:
-            return tp is str or (get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)})
+            choices = get_args(tp) if get_origin(tp) is Literal else ()
+            return (tp is str or (get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)})
+                    or (bool(choices) and all(isinstance(c, str) for c in choices)))
         cls = tp
     return False
 
@@ -377,6 +376,8 @@ def _coerce(tp: Any, value: Any, key: str, lines: dict[str, str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(inner[0], value, key, lines)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             raise ConfigError(f"{_where(lines, key)}{key}: must be one of {', '.join(map(str, args))}; got {value!r}")
         return value

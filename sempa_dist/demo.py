@@ -13,6 +13,7 @@ Extra arguments are config overrides for the training run (e.g. ``train.max_step
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ["stsb-test"] if data_available() else []
     if not tasks:
         print("demo: no STS data under $SEMPA_DATA_DIR: STS before/after skipped (set SEMPA_DATA_DIR)")
+    if OUT.exists():  # the demo's own directory: each `make demo` is a fresh run
+        print(f"demo: removing the previous demo run {OUT}")
+        shutil.rmtree(OUT)
     t0 = time.time()
     before = sts(base, tasks) if tasks else {}
     t_before = time.time() - t0

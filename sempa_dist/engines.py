@@ -111,12 +111,17 @@ def peft_lora_config(cfg: Config):
     return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, task_type="CAUSAL_LM")
 
 
-def build_policy(cfg: Config, dist: DistInfo, total_steps: int):
-    """The trainable policy as a ZeRO-3 engine, with AdamW and a warmup + decay schedule."""
+def build_policy(cfg: Config, dist: DistInfo, total_steps: int, load_universal: bool = False):
+    """The trainable policy as a ZeRO-3 engine, with AdamW and a warmup + decay schedule.
+
+    `load_universal`: the engine will resume from a universal checkpoint (one written on another
+    world size); DeepSpeed reads that choice from the engine's config when it loads."""
     import deepspeed
 
     path = resolve_model(cfg.model.name)
     ds_config = load_ds_config(cfg.deepspeed.policy_config, _auto_values(cfg, _hidden_size(path), dist.world_size, False))
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(cfg.train.seed)
     model = _load_causal_lm(cfg, ds_config)
     if cfg.model.gradient_checkpointing:

@@ -26,12 +26,31 @@ def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) ->
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _frozen_head_chunk(head: nn.Module, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """One chunk through a frozen head, with d logp / d hidden taken right away (one backward
+    matmul, as full logits would need) so nothing of [chunk, vocab] survives the chunk. The result
+    carries that gradient by linearisation: lp + <h - sg(h), g> has value lp and gradient g."""
+    with torch.enable_grad():
+        leaf = h.detach().requires_grad_(True)
+        lp = _chunk_logprobs(head, leaf, ids)
+        (g,) = torch.autograd.grad(lp.sum(), leaf)  # row i depends on hidden i only: this is d lp_i / d h_i
+    return lp.detach() + ((h - h.detach()) * g).sum(-1).float()
+
+
 def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Module, chunk_tokens: int) -> torch.Tensor:
-    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N], in chunks of `chunk_tokens` rows."""
+    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N], in chunks of `chunk_tokens` rows.
+
+    Under autograd: a frozen head (LoRA, the usual SemPA setup) gets its input gradient in the
+    forward pass (same FLOPs as full logits, chunk-sized memory); a trainable head is checkpointed
+    per chunk (one extra head matmul in backward, in exchange for chunk-sized memory)."""
     parts = []
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    frozen = not any(p.requires_grad for p in head.parameters())
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], ids[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if grad and frozen:
+            parts.append(_frozen_head_chunk(head, h, t))
+        elif grad:
             parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(head, h, t))

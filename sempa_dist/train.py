@@ -31,6 +31,7 @@ from sempa_dist.loss import preference_loss
 from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.preemption import Preempted, PreemptionFlag
+from sempa_dist.preflight import preflight
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
 # slots after the metric sums in the per-step all-reduce
@@ -67,11 +68,13 @@ def quiet_library_warnings() -> None:
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:
-    """Drop metrics.jsonl rows past the checkpoint a resumed run restarts from: they are redone."""
-    path = out_dir / "metrics.jsonl"
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    """Drop metrics.jsonl / eval.jsonl rows past `step`, where this run (re)starts: a resumed run
+    redoes them, and a fresh run (step 0) in an old run directory must not append to its history."""
+    for name in ("metrics.jsonl", "eval.jsonl"):
+        path = out_dir / name
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in keep))
 
 
 @torch.no_grad()
@@ -110,6 +113,8 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:
     out_dir = Path(cfg.train.output_dir)
+    checkpoint.refuse_to_overwrite(cfg.train.resume, out_dir)
+    preflight(cfg)  # every rank: a launcher started us, so sempa-train's own check may not have run
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -126,21 +131,31 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     shared = prefix_sharing(cfg)  # each prompt encoded once for its 1 + K responses
     sizes = [example_tokens(ex, shared) for ex in examples]
 
+    # resume point, chosen before the engines: a checkpoint written on another world size is loaded
+    # through DeepSpeed's universal format (converted once by rank 0), which the policy's DeepSpeed
+    # config must enable when the engine is built
+    resume_from = checkpoint.find_resume(cfg.train.resume, out_dir)
+    universal = checkpoint.needs_universal(resume_from, dist.world_size)
+    if universal:
+        checkpoint.prepare_universal(resume_from, dist)
+
     # engines
-    policy, ds_config = build_policy(cfg, dist, total_steps)
+    policy, ds_config = build_policy(cfg, dist, total_steps, load_universal=universal)
     reference = build_reference(cfg, dist, policy, examples, tok_report.fingerprint)
     tracker.log_dict("deepspeed.json", {"policy": ds_config, "reference": getattr(reference, "ds_config", None)})
 
     # resume
     start_step, state = 0, {}
-    resume_from = checkpoint.find_resume(cfg.train.resume, out_dir)
     if resume_from is not None:
-        state = checkpoint.load(policy, resume_from)
+        state = checkpoint.load(policy, resume_from, universal=universal)
         start_step = state["step"]
+        # rank 0's generator state, on every rank and any world size (as when the world is unchanged)
         torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
         if dist.is_main:
-            print(f"resumed from {resume_from} at step {start_step}", flush=True)
-            truncate_metrics(out_dir, start_step)
+            how = f" (written by {state.get('world_size', '?')} ranks: loaded through its universal conversion)" if universal else ""
+            print(f"resumed from {resume_from} at step {start_step}{how}", flush=True)
+    if dist.is_main:
+        truncate_metrics(out_dir, start_step)
 
     from tqdm import tqdm
 

@@ -409,7 +409,7 @@ def test_describe_mentions_every_leaf_key_with_help():
     lines = describe()
     text = "\n".join(lines)
     keys = leaf_keys()
-    assert len(keys) == 73
+    assert len(keys) == 72
     for key in keys:
         matching = [ln for ln in lines if ln.startswith(f"  {key} (")]
         assert len(matching) == 1, key
@@ -441,3 +441,14 @@ def test_to_dict_round_trips_through_yaml(tmp_path):
     path = tmp_path / "dump.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()), encoding="utf-8")
     assert load_config(path) == cfg
+
+
+def test_on_off_choices_survive_yaml_booleans(tmp_path):
+    """YAML 1.1 reads bare on/off as booleans; a choice field takes them as the words typed."""
+    assert load_config(None, ["packing.prefix_sharing=off"]).packing.prefix_sharing == "off"
+    assert load_config(None, ["packing.prefix_sharing=on"]).packing.prefix_sharing == "on"
+    f = tmp_path / "c.yaml"
+    f.write_text("packing:\n  prefix_sharing: off\n")
+    assert load_config(f).packing.prefix_sharing == "off"
+    with pytest.raises(ConfigError, match="packing.prefix_sharing: must be one of auto, on, off; got 'sometimes'"):
+        load_config(None, ["packing.prefix_sharing=sometimes"])

@@ -59,3 +59,26 @@ def test_dummy_batch_anchor_reaches_every_parameter():
     assert out.sums.numel() == 0 and out.anchor.item() == 0.0
     out.anchor.backward()
     assert all(p.grad is not None and (p.grad == 0).all() for p in model.parameters())
+
+
+def test_frozen_head_gradients_match_full_logits_and_head_runs_once_per_chunk():
+    """LoRA freezes the LM head: its input gradient is taken in the forward pass, chunk by chunk.
+    Values and decoder gradients must equal the full-logits computation; the head runs once per
+    chunk (no recompute in backward)."""
+    model = tiny_model("llama").train()
+    model.lm_head.weight.requires_grad_(False)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    batch = build_batch(random_examples(5, k=1, seed=9), "packed", prefix_sharing=True)
+    ref = naive_sequence_logprobs(model, batch)
+    weights = torch.randn(ref.shape)
+    (ref * weights).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    calls = []
+    model.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+    sums = SequenceScorer(model, "sdpa", 7)(batch).sums
+    (sums * weights).sum().backward()
+    torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-5, msg=n)
+    assert sum(calls) == len(batch.score_pos) and max(calls) <= 7  # forward only: nothing recomputed

@@ -146,3 +146,13 @@ def test_sts_eval_during_training_matches_eval_of_the_export(tmp_path):
     alone = evaluate_sts(Encoder.from_pretrained(out / "export").encode, ["stsb-dev"], max_pairs=40)
     assert rows[-1]["sts"]["stsb-dev"] == pytest.approx(alone["stsb-dev"], abs=0.05)
     assert rows[0]["sts"]["stsb-dev"] != rows[-1]["sts"]["stsb-dev"]  # the policy moved between evals
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_run):
+    """resume=never into a run directory that has checkpoints: a clear error, nothing touched."""
+    before = sorted(p.name for p in (tiny_run / "checkpoints").iterdir())
+    proc = sempa_train("configs/tiny_cpu.yaml", f"train.output_dir={tiny_run}", check=False)
+    assert proc.returncode == 2
+    assert "already holds checkpoints of an earlier run" in proc.stderr and "train.resume=auto" in proc.stderr
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
+    assert [r["step"] for r in metrics(tiny_run)] == list(range(1, 31))

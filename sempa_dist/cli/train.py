@@ -41,8 +41,14 @@ def main(argv: list[str] | None = None) -> int:
         nproc = cfg.train.nproc
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", nproc if not launched_by_launcher() else 1)))
         cfg.validate(world_size=world)
-    except ConfigError as e:
-        print(f"sempa-train: config error: {e}", file=sys.stderr)
+        from sempa_dist.checkpoint import refuse_to_overwrite
+        from sempa_dist.preflight import PreflightError, preflight
+
+        refuse_to_overwrite(cfg.train.resume, cfg.train.output_dir)
+        if not launched_by_launcher():  # under a launcher the ranks run the same checks in train()
+            preflight(cfg)
+    except (ConfigError, FileExistsError, PreflightError) as e:
+        print(f"sempa-train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     if launched_by_launcher() or nproc == 1:
         from sempa_dist.train import train

@@ -1,0 +1,50 @@
+"""Runs that cannot write their checkpoint fail before any process starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sempa_dist.config import load_config
+from sempa_dist.preflight import PreflightError, check_writable, estimate_checkpoint_bytes, preflight
+from tests.distributed import REPO, sempa_train
+
+
+def test_unwritable_output_dir_is_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(PreflightError, match=r"train.output_dir: .*a-file/run is not writable"):
+        check_writable(blocker / "run")
+    proc = sempa_train("configs/tiny_cpu.yaml", f"train.output_dir={blocker}/run", check=False, timeout=60)
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
+    assert "torch.distributed" not in proc.stderr  # refused before any launcher started
+
+
+def test_checkpoint_estimate_counts_what_is_trained():
+    full = load_config(None, ["model.name=tiny-llama", "model.dtype=fp32"])
+    lora = load_config(None, ["model.name=tiny-llama", "model.dtype=fp32", "model.lora.enabled=true"])
+    f, lo = estimate_checkpoint_bytes(full), estimate_checkpoint_bytes(lora)
+    assert f > lo > 0
+    assert f % 16 == 0  # all weights trained: 4 bytes of weight + 12 of Adam state each
+    assert estimate_checkpoint_bytes(load_config(None, ["model.name=some-org/not-local"])) == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 256 KiB tmpfs (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_too_little_disk_fails_before_training(small_fs):
+    cfg = load_config(REPO / "configs" / "tiny_cpu.yaml", [f"train.output_dir={small_fs}/run"])
+    with pytest.raises(PreflightError, match=r"MiB free, one checkpoint of tiny-llama needs about"):
+        preflight(cfg)
+    proc = subprocess.run([sys.executable, "-m", "sempa_dist.cli.train", "configs/tiny_cpu.yaml",
+                           f"train.output_dir={small_fs}/run"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs about" in proc.stderr, proc.stderr[-2000:]
