@@ -65,9 +65,30 @@ def main(argv: list[str] | None = None) -> int:
               "train": {"steps": summary["steps"], "time_s": summary["time_s"], "final": summary["final"]},
               "eval_time_s": {"before": t_before, "after": t_after}, "total_time_s": time.time() - t0}
     (OUT / "demo.json").write_text(json.dumps(result, indent=2))
+    if cfg.tracking.enabled and summary.get("mlflow_run_id"):
+        log_to_run(cfg, summary["mlflow_run_id"], result)
     print(table(result))
     print(f"\nrun directory: {OUT.resolve()} (summary.json, demo.json, checkpoints/, export/)")
     return 0
+
+
+def log_to_run(cfg, run_id: str, result: dict) -> None:
+    """Before/after STS and the generation check go into the training run's MLflow record (a
+    failure to reach the store only warns: the results are in demo.json either way)."""
+    from mlflow.entities import Metric
+
+    from sempa_dist.tracking import open_client, resolve_uri
+
+    step = result["train"]["steps"]
+    values = {**{f"demo/sts_before/{k}": v for k, v in result["sts_before"].items()},
+              **{f"demo/sts_after/{k}": v for k, v in result["sts_after"].items()},
+              **{f"demo/generation/{k}": v for k, v in result["generation"].items() if isinstance(v, (int, float))}}
+    try:
+        client = open_client(resolve_uri(cfg.tracking.uri, cfg.train.output_dir))
+        client.log_batch(run_id, metrics=[Metric(k, float(v), 0, step) for k, v in values.items()])
+        client.log_artifact(run_id, str(OUT / "demo.json"))
+    except Exception as e:  # the store being down must not lose the printed results
+        print(f"demo: could not log the evaluation to MLflow run {run_id}: {e}")
 
 
 def _snli_available() -> bool:
