@@ -30,12 +30,14 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sempa_dist.redaction import is_secret_name
+
 # Variables copied to the remote ranks when set here: exact names and prefixes.
 ENV_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "DS_ACCELERATOR", "CUDA_DEVICE_MAX_CONNECTIONS",
              "PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM")
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "FI_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "MLFLOW_", "SEMPA_")
-# Names that look like credentials: never copied unless asked for by name (--env NAME).
-SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+# Names that look like credentials (redaction.is_secret_name) are never copied unless asked for by
+# name (--env NAME).
 _HOST_RE = re.compile(r"^[A-Za-z0-9_.@-]+$")
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # DeepSpeed puts values into a remote shell command inside double quotes: these would be
@@ -110,12 +112,6 @@ def write_hostfile(path: str | Path, hosts: Mapping[str, int]) -> Path:
     return path
 
 
-def is_secret(name: str) -> bool:
-    """True for names that look like credentials (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, AWS_SECRET_...)."""
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_MARKERS)
-
-
 def read_env_file(path: str | Path) -> dict[str, str]:
     """KEY=VALUE lines (``#`` comments, blank lines, an optional ``export``, quotes around the value);
     no shell expansion, so the file means the same here and to ``source`` in slurm/train_8x8.sh."""
@@ -142,7 +138,7 @@ def select_env(environ: Mapping[str, str], explicit: Mapping[str, str] | None = 
     by name or value, secrets included) on top. Sorted by name."""
     names, prefixes = tuple(names), tuple(prefixes)
     chosen = {k: v for k, v in environ.items()
-              if (k in names or k.startswith(prefixes)) and not is_secret(k)}
+              if (k in names or k.startswith(prefixes)) and not is_secret_name(k)}
     chosen.update(explicit or {})
     return dict(sorted(chosen.items()))
 
@@ -226,7 +222,7 @@ def launcher_environ(environ: Mapping[str, str], explicit: Mapping[str, str], en
     none of the secrets DeepSpeed would export to the remote command line on its own (it copies every
     MLFLOW*/PYTHON*/NCCL*... variable it sees), unless asked for by name."""
     env = {k: v for k, v in environ.items()
-           if not (k.startswith(DEEPSPEED_EXPORTED_PREFIXES) and is_secret(k)) or k in explicit}
+           if not (k.startswith(DEEPSPEED_EXPORTED_PREFIXES) and is_secret_name(k)) or k in explicit}
     env["DS_ENV_FILE"] = str(Path(env_file).resolve())
     return env
 

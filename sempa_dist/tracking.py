@@ -44,6 +44,7 @@ from typing import Any
 import yaml
 
 from sempa_dist.preemption import Preempted
+from sempa_dist.redaction import REDACTED, redact, redact_text, secret_env_values  # noqa: F401 (REDACTED: re-exported)
 
 JOURNAL, PENDING, STATE = "mlflow_journal.jsonl", "mlflow_pending.jsonl", "tracking.json"
 FALLBACK_DB, ARTIFACTS = "mlflow_fallback.db", "mlflow_artifacts"
@@ -57,22 +58,6 @@ HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIE
 REJECTED = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE"}
 REPO = Path(__file__).resolve().parents[1]
 
-# TOKEN but not tokens / tokenizer / token_id: packing.max_tokens is no secret
-SECRET_NAME = re.compile(r"TOKEN(?!S|IZ|_ID)|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
-SECRET_TEXT = re.compile(
-    r"\bhf_[A-Za-z0-9]{20,}"  # Hugging Face
-    r"|\bsk-[A-Za-z0-9_-]{20,}"  # OpenAI-style API keys
-    r"|\bgh[pousr]_[A-Za-z0-9]{20,}|\bgithub_pat_[A-Za-z0-9_]{20,}"  # GitHub
-    r"|\bAKIA[0-9A-Z]{16}\b"  # AWS access key id
-    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT
-    r"|(?i:\bbearer\s+)[A-Za-z0-9._~+/-]{8,}=*"  # Authorization headers
-    r"|(?<=://)[^/\s:@]+:[^/\s@]+(?=@)"  # user:password@ in URLs
-)
-# `api_token=...`, `password: ...`, `?key=...`: the value after a secret-looking name
-SECRET_ASSIGN = re.compile(rf"(\b[\w.-]*?(?:{SECRET_NAME.pattern})[\w.-]*\s*[=:]\s*)(?:\"[^\"]*\"|'[^']*'|[^\s\"',;&]+)",
-                           re.IGNORECASE)
-REDACTED = "***REDACTED***"
 
 
 def _say(msg: str) -> None:
@@ -91,38 +76,6 @@ def _safe(fn):
             return None
 
     return wrapper
-
-
-# ----------------------------------------------------------------------------------------------
-# Secrets
-
-
-def _secret_env_values() -> list[str]:
-    """Values of secret-named environment variables (longest first); paths are not secrets."""
-    values = {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8 and v[0] not in "/~."}
-    return sorted(values, key=len, reverse=True)
-
-
-def redact_text(text: str, env_secrets: list[str] | None = None) -> str:
-    """`text` with token-looking substrings and secret environment values masked."""
-    for secret in _secret_env_values() if env_secrets is None else env_secrets:
-        text = text.replace(secret, REDACTED)
-    return SECRET_ASSIGN.sub(lambda m: m.group(1) + REDACTED, SECRET_TEXT.sub(REDACTED, text))
-
-
-def redact(value: Any, name: str = "", env_secrets: list[str] | None = None) -> Any:
-    """`value` (nested dicts/lists too) with secrets masked: everything under a secret-looking name
-    (`name` or a dict key) and secret-looking text anywhere."""
-    env_secrets = _secret_env_values() if env_secrets is None else env_secrets
-    if name and SECRET_NAME.search(name) and value is not None and value != "":
-        return REDACTED
-    if isinstance(value, dict):
-        return {k: redact(v, str(k), env_secrets) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v, "", env_secrets) for v in value]
-    if isinstance(value, str):
-        return redact_text(value, env_secrets)
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +387,7 @@ class Tracker(NullTracker):
         self.flush_every_s, self.finish_timeout_s, self.retry_s = flush_every_s, finish_timeout_s, retry_s
         self._reopen = reopen
         self._journal, self._pending = self.run_dir / JOURNAL, self.run_dir / PENDING
-        self._env_secrets = _secret_env_values()
+        self._env_secrets = secret_env_values()
         self._client = None
         self._connected = False
         self._ops: list[dict[str, Any]] = []

@@ -100,6 +100,9 @@ def test_selected_env_has_caches_tracking_nccl_and_no_secrets():
                    "NCCL_IB_HCA": "mlx5", "PYTHONPATH": "/repo", "SEMPA_DATA_DIR": "/data"}
     # a secret goes only when asked for by name
     assert select_env(environ, {"HF_TOKEN": "hf_secret"})["HF_TOKEN"] == "hf_secret"
+    # the same rule as tracking's redaction: a look-alike listed in ENV_NAMES goes, other credentials do not
+    more = {"TOKENIZERS_PARALLELISM": "false", "MLFLOW_DB_PASSWD": "p", "HF_CREDENTIALS_FILE": "/c"}
+    assert select_env(more) == {"TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_deepspeed_env_file_is_strict_key_value(tmp_path):
