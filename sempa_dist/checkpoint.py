@@ -84,17 +84,6 @@ def _prune(root: Path, keep: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def refuse_to_overwrite(resume: str, output_dir: str | Path) -> None:
-    """A fresh run (`resume: never`) must not mix its checkpoints with an earlier run's in the same
-    directory (`latest`, pruning and resume would pick between them): fail before any work."""
-    tags = complete_tags(checkpoint_root(output_dir))
-    if resume == "never" and tags:
-        raise FileExistsError(
-            f"train.output_dir: {output_dir} already holds checkpoints of an earlier run ({', '.join(tags[-2:])}); "
-            "continue it with train.resume=auto, or give a new train.output_dir"
-        )
-
-
 def find_resume(resume: str, output_dir: str | Path) -> Path | None:
     """'never' -> None; 'auto' -> the latest COMPLETE checkpoint or None; a path -> that checkpoint."""
     if resume == "never":

@@ -1,7 +1,8 @@
 """Checks that fail a run before any process group, model or dataset is touched.
 
 A run that trains for hours and then cannot write its checkpoint loses all of it; so the run
-directory must be writable and hold at least one checkpoint's worth of free space up front.
+directory must be writable and hold at least one checkpoint's worth of free space up front. And a
+fresh run must not land in a directory holding another run's checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from sempa_dist.config import Config
 
 class PreflightError(RuntimeError):
     """The run cannot start; the message names the key and the offending value."""
+
+
+def check_fresh_run(resume: str, output_dir: str | Path) -> None:
+    """A fresh run (`resume: never`) must not mix its checkpoints with an earlier run's in the same
+    directory (`latest`, pruning and resume would pick between them)."""
+    from sempa_dist.checkpoint import checkpoint_root, complete_tags
+
+    tags = complete_tags(checkpoint_root(output_dir))
+    if resume == "never" and tags:
+        raise PreflightError(
+            f"train.output_dir: {output_dir} already holds checkpoints of an earlier run ({', '.join(tags[-2:])}); "
+            "continue it with train.resume=auto, or give a new train.output_dir"
+        )
 
 
 def check_writable(output_dir: str | Path) -> None:
@@ -86,5 +100,6 @@ def check_free_space(cfg: Config) -> None:
 
 def preflight(cfg: Config) -> None:
     """All checks, in the order a user would fix them."""
+    check_fresh_run(cfg.train.resume, cfg.train.output_dir)
     check_writable(cfg.train.output_dir)
     check_free_space(cfg)

@@ -113,8 +113,7 @@ def train(cfg: Config) -> dict[str, Any]:
 
 def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:
     out_dir = Path(cfg.train.output_dir)
-    checkpoint.refuse_to_overwrite(cfg.train.resume, out_dir)
-    preflight(cfg)  # every rank: a launcher started us, so sempa-train's own check may not have run
+    preflight(cfg)  # every rank: under a launcher, sempa-train's own check may not have run
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -5,8 +5,15 @@ import sys
 
 import pytest
 
+from sempa_dist.checkpoint import COMPLETE
 from sempa_dist.config import load_config
-from sempa_dist.preflight import PreflightError, check_writable, estimate_checkpoint_bytes, preflight
+from sempa_dist.preflight import (
+    PreflightError,
+    check_fresh_run,
+    check_writable,
+    estimate_checkpoint_bytes,
+    preflight,
+)
 from tests.distributed import REPO, sempa_train
 
 
@@ -18,6 +25,16 @@ def test_unwritable_output_dir_is_named(tmp_path):
     proc = sempa_train("configs/tiny_cpu.yaml", f"train.output_dir={blocker}/run", check=False, timeout=60)
     assert proc.returncode == 2 and "is not writable" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # refused before any launcher started
+
+
+def test_fresh_run_refuses_another_runs_checkpoints(tmp_path):
+    check_fresh_run("never", tmp_path)  # empty directory: fine
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    check_fresh_run("never", tmp_path)  # debris of a crashed save is no checkpoint
+    (tmp_path / "checkpoints" / "step-000004" / COMPLETE).write_text("ok\n")
+    with pytest.raises(PreflightError, match=r"already holds checkpoints of an earlier run \(step-000004\)"):
+        check_fresh_run("never", tmp_path)
+    check_fresh_run("auto", tmp_path)  # continuing it is what resume is for
 
 
 def test_checkpoint_estimate_counts_what_is_trained():

@@ -18,6 +18,7 @@ from pathlib import Path
 from sempa_dist.config import ConfigError, describe, load_config
 from sempa_dist.distributed import free_port, launched_by_launcher
 from sempa_dist.preemption import PREEMPTED_EXIT_CODE
+from sempa_dist.preflight import PreflightError, preflight
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -41,13 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         nproc = cfg.train.nproc
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", nproc if not launched_by_launcher() else 1)))
         cfg.validate(world_size=world)
-        from sempa_dist.checkpoint import refuse_to_overwrite
-        from sempa_dist.preflight import PreflightError, preflight
-
-        refuse_to_overwrite(cfg.train.resume, cfg.train.output_dir)
-        if not launched_by_launcher():  # under a launcher the ranks run the same checks in train()
-            preflight(cfg)
-    except (ConfigError, FileExistsError, PreflightError) as e:
+        preflight(cfg)  # one clear line here, rather than a traceback from every rank
+    except (ConfigError, PreflightError) as e:
         print(f"sempa-train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     if launched_by_launcher() or nproc == 1:
