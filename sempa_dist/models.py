@@ -185,3 +185,13 @@ def load_tokenizer(name: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_model(name: str | Path, attn_implementation: str = "sdpa"):
+    """A registered name, HF directory or hub id as a plain fp32 causal LM in eval mode, on one
+    process (evaluation and comparisons; training builds its models under ZeRO-3 in engines.py)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(str(name)), dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
+    return model.eval()

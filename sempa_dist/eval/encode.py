@@ -63,14 +63,10 @@ class Encoder:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, attn_implementation: str = "sdpa", **kw) -> Encoder:
         """Load a registered name, HF directory or hub id (fp32, eval mode) on one process."""
-        from transformers import AutoModelForCausalLM
-
         from sempa_dist.logprobs import SequenceScorer
-        from sempa_dist.models import load_tokenizer, resolve_model
+        from sempa_dist.models import load_model, load_tokenizer
 
-        path = resolve_model(str(name_or_path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
-        model.eval()
+        model = load_model(name_or_path, attn_implementation)
         scorer = SequenceScorer(model, attn_implementation, chunk_tokens=1024)
         kw.setdefault("hidden_size", model.config.hidden_size)
         return cls(scorer.hidden_states, load_tokenizer(str(name_or_path)), **kw)

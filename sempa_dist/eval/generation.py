@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from sempa_dist.config import DataConfig
 from sempa_dist.data.tokenize import TokenizedExample, render_prompt
 from sempa_dist.logprobs import SequenceScorer, unwrap_causal_lm
-from sempa_dist.packing import PackedBatch, build_batch
+from sempa_dist.packing import PackedBatch, build_batch, first_fit_decreasing
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
+KINDS = ("responses", "english")  # held-out paraphrase responses; the general English sample
 
 
 def english_sample() -> list[str]:
@@ -71,31 +72,26 @@ def compare_models(policy: torch.nn.Module, reference: torch.nn.Module, tokenize
                    batch_tokens: int = 2048) -> dict[str, float]:
     """NLL per token of each model on `pairs` responses and `texts`, and mean per-token KL(policy || ref)."""
     examples = _examples(tokenizer, pairs, texts)
-    kinds = ["responses"] * len(pairs) + ["english"] * len(texts)
+    kind_of = torch.tensor([0] * len(pairs) + [1] * len(texts))  # index into KINDS, per example
     scorers = [SequenceScorer(m.eval(), "sdpa", 1024) for m in (policy, reference)]
-    totals: dict[str, float] = {}
-    from sempa_dist.packing import first_fit_decreasing
-
+    totals = torch.zeros(len(KINDS), 4, dtype=torch.float64)  # per kind: NLL policy, NLL reference, KL, tokens
     for group in first_fit_decreasing([ex.num_tokens for ex in examples], batch_tokens):
         batch = build_batch([examples[i] for i in group], "packed", tokenizer.pad_token_id or 0)
         streams = [_scored_logprobs(s, batch) for s in scorers]
         for (lp_pol, tgt, seq), (lp_ref, _, _) in zip(*streams, strict=True):
-            kind = [kinds[group[int(s)]] for s in seq]
             nll_pol = -lp_pol.gather(-1, tgt[:, None]).squeeze(-1)
             nll_ref = -lp_ref.gather(-1, tgt[:, None]).squeeze(-1)
             kl = (lp_pol.exp() * (lp_pol - lp_ref)).sum(-1)
-            for i, k in enumerate(kind):
-                for name, v in ((f"nll_policy/{k}", nll_pol[i]), (f"nll_reference/{k}", nll_ref[i]), (f"kl/{k}", kl[i])):
-                    totals[name] = totals.get(name, 0.0) + float(v)
-                totals[f"tokens/{k}"] = totals.get(f"tokens/{k}", 0.0) + 1
+            # one response per example: a batch's sequence s is its example group[s]
+            kind = kind_of[torch.tensor(group)[seq]]
+            totals.index_add_(0, kind, torch.stack([nll_pol, nll_ref, kl, torch.ones_like(kl)], 1).double())
     out: dict[str, float] = {}
-    for k in ("responses", "english"):
-        n = totals.get(f"tokens/{k}", 0)
+    for k, (pol_sum, ref_sum, kl_sum, n) in zip(KINDS, totals.tolist(), strict=True):
         if not n:
             continue
-        pol, ref = totals[f"nll_policy/{k}"] / n, totals[f"nll_reference/{k}"] / n
+        pol, ref = pol_sum / n, ref_sum / n
         out.update({f"nll_policy/{k}": pol, f"nll_reference/{k}": ref, f"nll_change/{k}": (pol - ref) / ref,
-                    f"kl/{k}": totals[f"kl/{k}"] / n, f"tokens/{k}": n})
+                    f"kl/{k}": kl_sum / n, f"tokens/{k}": n})
     return out
 
 
@@ -114,13 +110,10 @@ def greedy_paraphrases(model: torch.nn.Module, tokenizer, anchors: list[str], ma
 def generation_report(policy_path: str | Path, reference_name: str | Path, n_pairs: int = 200,
                       n_samples: int = 5) -> dict[str, Any]:
     """Load both models (fp32, one process) and compare them on held-out text."""
-    from transformers import AutoModelForCausalLM
-
-    from sempa_dist.models import load_tokenizer, resolve_model
+    from sempa_dist.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(reference_name))
-    models = [AutoModelForCausalLM.from_pretrained(resolve_model(str(p)), dtype=torch.float32, attn_implementation="sdpa")
-              for p in (policy_path, reference_name)]
+    models = [load_model(p) for p in (policy_path, reference_name)]
     pairs = heldout_pairs(n_pairs)
     report: dict[str, Any] = compare_models(models[0], models[1], tokenizer, pairs, english_sample())
     anchors = [a for a, _ in pairs[:n_samples]] or english_sample()[:n_samples]
