@@ -12,11 +12,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a process a test starts: this checkout first on the path (whatever an
+    editable install elsewhere points at), unbuffered output, then `extra`."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
+
+
 def run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run `cmd` from the repo root in its own session; raise with the output's tail on failure (if check)."""
-    # this checkout first on the path, whatever an editable install elsewhere points at
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **(env or {}))
+    full_env = child_env(**(env or {}))
     # own session: on timeout the whole tree (launcher and every rank) is killed, never orphaned
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
                          start_new_session=True)

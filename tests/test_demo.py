@@ -1,13 +1,12 @@
 """`make demo`'s script end to end, shrunk: a tiny model and 2 steps instead of SmolLM2 and 120."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.distributed import REPO
+from tests.distributed import child_env
 
 pytestmark = pytest.mark.slow
 
@@ -19,7 +18,7 @@ def test_demo_trains_evaluates_and_logs(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sempa_dist.demo", "model.name=tiny-llama", "train.max_steps=2",
                            "train.save_every=0", "data.max_examples=64"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=400,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+                          env=child_env())
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     out = tmp_path / "runs" / "demo"
     result = json.loads((out / "demo.json").read_text())

@@ -30,7 +30,7 @@ import pytest
 
 from sempa_dist.checkpoint import COMPLETE
 from sempa_dist.preemption import PREEMPTED_EXIT_CODE
-from tests.distributed import REPO, metrics, sempa_train
+from tests.distributed import REPO, child_env, metrics, sempa_train
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +48,9 @@ def reference(tmp_path_factory) -> list[dict]:
 
 def start_training(out: Path, log: Path) -> subprocess.Popen:
     """sempa-train in a session of its own (so the test can signal its whole group), output to a file."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     with open(log, "w") as fh:
         return subprocess.Popen([sys.executable, "-m", "sempa_dist.cli.train", *ARGS, f"train.output_dir={out}"],
-                                cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=REPO, env=child_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def ranks_of(launcher: subprocess.Popen, n: int = 2, timeout: float = 60) -> tuple[psutil.Process, list[psutil.Process]]:

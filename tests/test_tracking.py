@@ -21,7 +21,7 @@ from sempa_dist.cli import compare
 from sempa_dist.config import load_config
 from sempa_dist.distributed import DistInfo, free_port
 from sempa_dist.preemption import Preempted
-from tests.distributed import REPO, metrics
+from tests.distributed import REPO, child_env, metrics
 from tests.mlflow_server import MlflowServer
 
 RANK0 = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
@@ -205,11 +205,10 @@ def test_server_killed_mid_run_loses_nothing(tmp_path, capsys):
     started_in = server.start()
     run_dir = tmp_path / "run"
     total = 30
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "sempa_dist.cli.train", "configs/tiny_cpu.yaml", f"train.output_dir={run_dir}",
            f"train.max_steps={total}", "train.save_every=0", "train.export=false", "train.log_every=1",
            f"tracking.uri={server.uri}", "tracking.flush_every_s=0.2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         # wait until the server holds a few live steps, then crash it
@@ -238,7 +237,7 @@ def test_server_killed_mid_run_loses_nothing(tmp_path, capsys):
     restarted = MlflowServer(tmp_path / "server", port=server.port)  # same database, same address
     restarted.start()
     try:
-        subprocess.run([sys.executable, "-m", "sempa_dist.tracking", "replay", str(run_dir)], cwd=REPO, env=env,
+        subprocess.run([sys.executable, "-m", "sempa_dist.tracking", "replay", str(run_dir)], cwd=REPO, env=child_env(),
                        check=True, timeout=120)
         assert steps(restarted.uri, state["run_id"]) == list(range(1, total + 1))
         run = client(restarted.uri).get_run(state["run_id"])

@@ -10,8 +10,6 @@ pytest wrapper (tests/test_resume_world_size.py) asserts on it.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import torch
@@ -22,6 +20,7 @@ from sempa_dist.distributed import init_distributed
 from sempa_dist.engines import EngineReference, build_policy, build_reference, prefix_sharing
 from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.train import epoch_order, prepare_data, quiet_library_warnings
+from tests.scripts.rank_exit import report_and_exit
 
 # what DeepSpeedZeroOptimizer_Stage3 allocates for training (deepspeed/runtime/zero/stage3.py): the
 # wrapped optimizer, fp32 master partitions, the partitioned bit16 groups it steps, the reduce
@@ -87,13 +86,4 @@ result = {
     "shared_storage": len(ref_ptrs & pol_ptrs),
     "shared_modules": len({id(m) for m in eng.module.modules()} & {id(m) for m in policy.module.modules()}),
 }
-if dist.is_main:
-    print("RESULT " + json.dumps(result), flush=True)
-# Leave without the interpreter's teardown: there, a native thread left running by the ZeRO-3 /
-# gloo stack now and then aborts the process ("terminate called without an active exception",
-# rc -6) after all the work is done; tests/scripts/ref_modes.py shows it too, about 1 run in 5.
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+report_and_exit(result, dist.is_main)

@@ -3,8 +3,6 @@
 Prints one JSON line on rank 0 with the measured differences; the pytest wrapper asserts on it.
 """
 
-import json
-import os
 import sys
 
 import torch
@@ -14,6 +12,7 @@ from sempa_dist.distributed import init_distributed
 from sempa_dist.engines import AdapterReference, EngineReference, build_policy, precompute_reference
 from sempa_dist.packing import build_batch, plan_step
 from sempa_dist.train import prepare_data, quiet_library_warnings
+from tests.scripts.rank_exit import report_and_exit
 
 quiet_library_warnings()
 out_dir = sys.argv[1]
@@ -60,13 +59,4 @@ result = {
     "ref_offload": engine_ref.ds_config["zero_optimization"]["offload_param"]["device"],
     "n_seq": int(before[0].numel()),
 }
-if dist.is_main:
-    print("RESULT " + json.dumps(result), flush=True)
-# Leave without the interpreter's teardown: a native thread of the ZeRO-3 / gloo stack now and then
-# aborts the process there ("terminate called without an active exception", rc -6) after the work
-# is done (about 1 run in 5; see tests/scripts/ref_engine_inspect.py).
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+report_and_exit(result, dist.is_main)
