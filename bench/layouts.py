@@ -16,30 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from cell import REPO, failed, median_step_time, run_cell
+
 CELLS = [("padded", "packing.layout=padded", "packing.prefix_sharing=off"),
          ("packed", "packing.layout=packed", "packing.prefix_sharing=off"),
          ("packed + prefix sharing", "packing.layout=packed", "packing.prefix_sharing=on")]
 
 
 def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Path) -> dict:
-    out = work / f"{name.replace(' ', '_')}-k{k}"
-    cmd = [sys.executable, "-m", "sempa_dist.cli.train", "configs/smollm2_demo.yaml", f"model.name={a.model}",
-           f"data.num_rejected={k}", f"train.output_dir={out}", f"train.max_steps={a.steps}",
-           f"train.global_batch_size={a.batch}", f"packing.max_tokens={a.max_tokens}", "train.save_every=0",
-           "train.export=false", f"train.nproc={a.nproc}", "tracking.enabled=false", "eval.every=0",
-           f"data.max_examples={a.batch * a.steps}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"layout": name, "k": k, "error": (proc.stdout + proc.stderr).splitlines()[-3:]}
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = run_cell("configs/smollm2_demo.yaml", work / f"{name.replace(' ', '_')}-k{k}",
+                    [f"model.name={a.model}", f"data.num_rejected={k}", f"train.max_steps={a.steps}",
+                     f"train.global_batch_size={a.batch}", f"packing.max_tokens={a.max_tokens}", f"train.nproc={a.nproc}",
+                     "eval.every=0", f"data.max_examples={a.batch * a.steps}", *overrides])
+    if failed(rows):
+        return {"layout": name, "k": k, "error": rows}
     timed = rows[1:] or rows
-    step = statistics.median(r["step_time_s"] for r in timed)
+    step = median_step_time(rows)
     real = statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in rows)
     computed = statistics.median(r["tokens_per_s"] * r["step_time_s"] / max(1e-9, 1 - r["pad_fraction"]) for r in rows)
     return {"layout": name, "k": k, "step_time_s": step, "examples_per_s": a.batch / step,

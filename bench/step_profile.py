@@ -12,28 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from cell import REPO, failed, median_step_time, run_cell
 
 
 def one(model: str, dtype: str, mode: str, steps: int, work: Path) -> dict:
-    out = work / f"{model}-{dtype}-{mode}"
-    cmd = [sys.executable, "-m", "sempa_dist.cli.train", "configs/tiny_cpu.yaml", f"model.name={model}",
-           f"model.dtype={dtype}", "model.lora.enabled=true", f"ref.mode={mode}", f"train.output_dir={out}",
-           f"train.max_steps={steps}", "train.global_batch_size=8", "packing.max_tokens=256",
-           "train.save_every=0", "train.export=false", "train.nproc=2", f"ref.cache_dir={work}/ref_cache"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"model": model, "dtype": dtype, "ref": mode, "error": proc.stderr.splitlines()[-1:]}
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = run_cell("configs/tiny_cpu.yaml", work / f"{model}-{dtype}-{mode}",
+                    [f"model.name={model}", f"model.dtype={dtype}", "model.lora.enabled=true", f"ref.mode={mode}",
+                     f"train.max_steps={steps}", "train.global_batch_size=8", "packing.max_tokens=256",
+                     "train.nproc=2", f"ref.cache_dir={work}/ref_cache"])
+    if failed(rows):
+        return {"model": model, "dtype": dtype, "ref": mode, "error": rows}
     timed = rows[1:] or rows
     return {
         "model": model, "dtype": dtype, "ref": mode,
-        "step_time_s": statistics.median(r["step_time_s"] for r in timed),
+        "step_time_s": median_step_time(rows),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows),
         "micro_steps": rows[-1]["micro_steps"],

@@ -16,26 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from cell import REPO, failed, median_step_time, run_cell
 
 
 def sempa_cell(name: str, overrides: list[str], a: argparse.Namespace, work: Path) -> dict:
-    out = work / name.replace(" ", "_")
-    cmd = [sys.executable, "-m", "sempa_dist.cli.train", "configs/smollm2_demo.yaml", f"train.output_dir={out}",
-           f"train.max_steps={a.steps}", f"train.global_batch_size={a.batch}", f"data.max_examples={a.batch * a.steps}",
-           "train.save_every=0", "train.export=false", "tracking.enabled=false", "train.learning_rate=1e-4",
-           "train.warmup_ratio=0", "train.lr_schedule=constant", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"trainer": name, "error": (proc.stdout + proc.stderr).splitlines()[-3:]}
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    step = statistics.median(r["step_time_s"] for r in rows[1:] or rows)
+    rows = run_cell("configs/smollm2_demo.yaml", work / name.replace(" ", "_"),
+                    [f"train.max_steps={a.steps}", f"train.global_batch_size={a.batch}",
+                     f"data.max_examples={a.batch * a.steps}", "train.learning_rate=1e-4", "train.warmup_ratio=0",
+                     "train.lr_schedule=constant", *overrides])
+    if failed(rows):
+        return {"trainer": name, "error": rows}
+    step = median_step_time(rows)
     return {"trainer": name, "step_time_s": step, "examples_per_s": a.batch / step,
             "loss_step1": rows[0]["loss"], "logps_chosen_step1": rows[0]["logps/chosen"]}
 
