@@ -328,9 +328,7 @@ def _is_str_field(key: str) -> bool:
         if tp is None:
             return False
         if i == len(parts) - 1:
-            choices = get_args(tp) if get_origin(tp) is Literal else ()
-            return (tp is str or (get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)})
-                    or (bool(choices) and all(isinstance(c, str) for c in choices)))
+            return tp is str or (get_origin(tp) in (Union, types.UnionType) and set(get_args(tp)) == {str, type(None)})
         cls = tp
     return False
 
