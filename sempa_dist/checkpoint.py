@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier
+from sempa_dist.fileio import write_atomic
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"  # <tag>/universal: DeepSpeed's universal conversion of the tag, made on demand
@@ -50,21 +51,12 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist:
     barrier()  # every shard is on disk before the checkpoint is declared complete
     if dist.is_main:
         tag_dir = root / tag
-        _write_atomic(tag_dir / "trainer_state.json", json.dumps(state, default=str))
-        _write_atomic(tag_dir / COMPLETE, "ok\n")
-        _write_atomic(root / "latest", tag + "\n")
+        write_atomic(tag_dir / "trainer_state.json", json.dumps(state, default=str))
+        write_atomic(tag_dir / COMPLETE, "ok\n")
+        write_atomic(root / "latest", tag + "\n")
         _prune(root, keep)
     barrier()
     return root / tag
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def complete_tags(root: Path) -> list[str]:
@@ -169,7 +161,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
         tail = "\n".join(proc.stdout.splitlines()[-30:])
         raise RuntimeError(f"{tag_dir}: conversion to DeepSpeed's universal checkpoint failed "
                            f"(exit {proc.returncode}):\n{tail}")
-    _write_atomic(tmp / COMPLETE, "ok\n")
+    write_atomic(tmp / COMPLETE, "ok\n")
     os.replace(tmp, out)
     return out
 

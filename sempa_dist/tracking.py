@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from sempa_dist.fileio import write_atomic
 from sempa_dist.preemption import Preempted
 from sempa_dist.redaction import REDACTED, redact, redact_text, secret_env_values  # noqa: F401 (REDACTED: re-exported)
 
@@ -311,9 +312,7 @@ def _read_state(run_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
-    tmp = run_dir / f".{STATE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, run_dir / STATE)
+    write_atomic(run_dir / STATE, json.dumps(state, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
