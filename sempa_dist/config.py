@@ -125,6 +125,10 @@ class TrainConfig:
     export: bool = _f(True, "Write a consolidated HF model to <output_dir>/export at the end.")
     merge_lora: bool = _f(True, "Export LoRA merged into the weights (else as an adapter).")
     nproc: int = _f(1, "Processes sempa-train spawns on this machine when not started by a launcher.")
+    on_nonfinite: Literal["skip", "stop"] = _f(
+        "skip", "A step whose loss or gradient norm is NaN/inf is never applied: skip it and go on, or stop "
+        "(the last checkpoint stays the last good one).")
+    max_consecutive_skips: int = _f(10, "Under on_nonfinite=skip, stop after this many non-finite steps in a row.")
 
 
 @dataclass
@@ -182,7 +186,8 @@ class Config:
         _positive(("data.num_rejected", d.num_rejected), ("data.max_length", d.max_length),
                   ("packing.max_tokens", p.max_tokens), ("loss.logprob_chunk_tokens", lo.logprob_chunk_tokens),
                   ("train.global_batch_size", t.global_batch_size), ("train.log_every", t.log_every),
-                  ("train.nproc", t.nproc), ("deepspeed.timeout_s", self.deepspeed.timeout_s),
+                  ("train.nproc", t.nproc), ("train.max_consecutive_skips", t.max_consecutive_skips),
+                  ("deepspeed.timeout_s", self.deepspeed.timeout_s),
                   ("model.lora.r", self.model.lora.r))
         if lo.beta <= 0:
             raise ConfigError(f"loss.beta: must be > 0, got {lo.beta}")

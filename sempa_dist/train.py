@@ -51,6 +51,41 @@ def prepare_data(cfg: Config, dist: DistInfo):
     return tokenizer, examples, load_report, tok_report
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped on a non-finite loss or gradient norm (train.on_nonfinite)."""
+
+
+class NonFiniteSteps:
+    """Steps whose loss or gradient norm was NaN/inf. DeepSpeed never applies such a step (its global
+    gradient-norm check skips it; the loop turns a non-finite loss into NaN gradients so it does): this
+    counts them, says so, and decides whether training goes on."""
+
+    def __init__(self, policy: str, max_consecutive: int, total: int = 0, log=None) -> None:
+        self.policy, self.max_consecutive, self.total, self.log = policy, max_consecutive, total, log
+        self.streak, self.must_stop, self.last = 0, False, ""
+
+    def record(self, step: int, nonfinite: bool, applied: bool, loss: float, grad_norm: float) -> None:
+        if not nonfinite:
+            self.streak = 0
+            return
+        if applied:  # the weights took a NaN/inf update: nothing later can be trusted
+            raise NonFiniteError(f"step {step}: DeepSpeed applied an update with loss {loss} and gradient norm "
+                                 f"{grad_norm}; this DeepSpeed version does not skip non-finite steps")
+        self.total += 1
+        self.streak += 1
+        self.last = f"step {step}: loss {loss}, gradient norm {grad_norm}: update not applied"
+        self.must_stop = self.policy == "stop" or self.streak >= self.max_consecutive
+        if self.log and not self.must_stop:
+            self.log(f"warning: {self.last} (train.on_nonfinite=skip; {self.total} skipped so far)", flush=True)
+
+    def reason(self, out_dir: Path) -> str:
+        why = ("train.on_nonfinite=stop" if self.policy == "stop"
+               else f"{self.streak} non-finite steps in a row (train.max_consecutive_skips)")
+        last_good = checkpoint.find_resume("auto", out_dir)
+        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved before it"
+        return f"{self.last}; stopping ({why}); {where}"
+
+
 @functools.lru_cache(maxsize=2)  # called every step; the permutation changes only once per epoch
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """Example order of one epoch: a function of seed and epoch only, never of the world size."""
@@ -155,6 +190,8 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
             print(f"resumed from {resume_from} at step {start_step}{how}", flush=True)
     if dist.is_main:
         truncate_metrics(out_dir, start_step)
+    skips = NonFiniteSteps(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips, state.get("skipped_steps", 0),
+                           log=print if dist.is_main else None)
 
     from tqdm import tqdm
 
@@ -182,6 +219,10 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
             losses, metrics = preference_loss(pol, ref, cfg.loss.beta, cfg.loss.type, cfg.loss.label_smoothing)
             # mean over the GLOBAL batch: DeepSpeed averages gradients over ranks, so scale by world / B
             loss = losses.sum() * (dist.world_size / B) + out.anchor
+            if not torch.isfinite(loss):
+                # an inf loss can have finite gradients (e.g. a -inf reference log-prob): make them NaN so
+                # DeepSpeed's non-finite gradient-norm check, global over ranks, drops the step everywhere
+                loss = loss * float("nan")
             policy.backward(loss, scale_wrt_gas=False)
             with torch.no_grad():
                 sums[0] += losses.sum().item()
@@ -191,16 +232,22 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
                 sums[TOTAL_TOKENS] += batch.total_tokens
                 sums[EXAMPLES] += batch.num_examples
         policy.step()
+        applied = policy.was_step_applied()
+        grad_norm = policy.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
         sums[PREEMPT] = float(preemption.requested is not None)
         totals = all_reduce_sum(sums.to(dist.device)).cpu()
         dt = time.time() - t0
         row = {name: float(totals[j] / totals[EXAMPLES]) for j, name in enumerate(METRICS)}
         row.update({
-            "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": float(policy.get_global_grad_norm() or 0.0),
+            "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": grad_norm,
             "tokens_per_s": float(totals[REAL_TOKENS] / dt),
             "pad_fraction": float(1 - totals[REAL_TOKENS] / totals[TOTAL_TOKENS]),
             "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
         })
+        nonfinite = not (math.isfinite(row["loss"]) and math.isfinite(grad_norm))
+        skips.record(step + 1, nonfinite, applied, row["loss"], grad_norm)
+        row["skipped_steps"] = skips.total
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
@@ -208,6 +255,8 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
             with open(out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             tracker.log_metrics(row, step=step + 1)
+        if skips.must_stop:  # logged first: the failing step is in metrics.jsonl and MLflow
+            raise NonFiniteError(skips.reason(out_dir))
         last = step + 1 == total_steps
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
             scores = evaluate_policy(policy, tokenizer, cfg, dist, cfg.eval.tasks)
@@ -217,7 +266,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
         if last or preempted or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             state = {"step": step + 1, "epoch": epoch, "world_size": dist.world_size,
                      "examples_seen": (step + 1) * B, "torch_rng": torch.get_rng_state().tolist(),
-                     "mlflow_run_id": tracker.run_id}
+                     "mlflow_run_id": tracker.run_id, "skipped_steps": skips.total}
             tag_dir = checkpoint.save(policy, out_dir, step + 1, state, dist, cfg.train.keep_checkpoints)
         if preempted and not last:
             bar.close()
@@ -264,7 +313,18 @@ def main(argv: list[str] | None = None) -> int:
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
     cfg = load_config(path, overrides).validate(world_size=int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
-    train(cfg)
+    return run(cfg)
+
+
+def run(cfg: Config) -> int:
+    """`train(cfg)` as a process exit code: 0, or 1 after a non-finite stop (one line from rank 0
+    instead of the same traceback from every rank; the Slurm script does not requeue on it)."""
+    try:
+        train(cfg)
+    except NonFiniteError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sempa-train: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

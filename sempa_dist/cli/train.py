@@ -47,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sempa-train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     if launched_by_launcher() or nproc == 1:
-        from sempa_dist.train import train
+        from sempa_dist.train import run
 
-        train(cfg)
-        return 0
+        return run(cfg)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            f"--master_port={free_port()}", "--max_restarts=0", *forward_preemption_flags(), "-m", "sempa_dist.train"]
     cmd += ([config] if config else []) + overrides
