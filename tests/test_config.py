@@ -324,7 +324,8 @@ def validated(*overrides: str, world_size: int | None = None) -> Config:
 @pytest.mark.parametrize(
     "key",
     ["data.num_rejected", "data.max_length", "packing.max_tokens", "loss.logprob_chunk_tokens",
-     "train.global_batch_size", "train.log_every", "train.nproc", "deepspeed.timeout_s", "model.lora.r"],
+     "train.global_batch_size", "train.log_every", "train.nproc", "train.max_consecutive_skips",
+     "deepspeed.timeout_s", "model.lora.r"],
 )
 @pytest.mark.parametrize("value", [0, -1])
 def test_validate_positive_ints(key, value):
@@ -409,7 +410,7 @@ def test_describe_mentions_every_leaf_key_with_help():
     lines = describe()
     text = "\n".join(lines)
     keys = leaf_keys()
-    assert len(keys) == 72
+    assert len(keys) == 74
     for key in keys:
         matching = [ln for ln in lines if ln.startswith(f"  {key} (")]
         assert len(matching) == 1, key
@@ -452,3 +453,9 @@ def test_on_off_choices_survive_yaml_booleans(tmp_path):
     assert load_config(f).packing.prefix_sharing == "off"
     with pytest.raises(ConfigError, match="packing.prefix_sharing: must be one of auto, on, off; got 'sometimes'"):
         load_config(None, ["packing.prefix_sharing=sometimes"])
+
+
+def test_on_nonfinite_choice():
+    assert validated("train.on_nonfinite=stop").train.on_nonfinite == "stop"
+    with pytest.raises(ConfigError, match=re.escape("train.on_nonfinite: must be one of skip, stop; got 'ignore'")):
+        validated("train.on_nonfinite=ignore")
