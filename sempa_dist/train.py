@@ -32,6 +32,7 @@ from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
+from sempa_dist.watchdog import Heartbeat, describe_silent, is_collective_failure, silent_ranks
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
 # slots after the metric sums in the per-step all-reduce
@@ -143,14 +144,30 @@ def train(cfg: Config) -> dict[str, Any]:
     # MLflow run on rank 0 (a no-op elsewhere): leaving the block ends it FINISHED or FAILED, or, when
     # preempted, leaves it RUNNING for the requeued job to continue
     with tracking.start(cfg, dist, kind="train") as tracker:
-        return run_training(cfg, dist, tracker)
+        try:
+            return run_training(cfg, dist, tracker)
+        except Exception as e:
+            if dist.world_size > 1 and is_collective_failure(e):
+                report_collective_failure(e, cfg, dist)
+            raise
+
+
+def report_collective_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
+    """A collective failed because a peer died or froze: name it (heartbeats) and where to resume."""
+    out_dir = Path(cfg.train.output_dir)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    last_good = checkpoint.find_resume("auto", out_dir)
+    resume = (f"the last complete checkpoint is {last_good}: train.resume=auto continues from it" if last_good
+              else "no checkpoint was completed")
+    print(f"rank {dist.rank}: a collective failed ({first}); {describe_silent(silent_ranks(out_dir, dist.world_size))}; "
+          f"{resume}", file=sys.stderr, flush=True)
 
 
 def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:
     out_dir = Path(cfg.train.output_dir)
     preflight(cfg)  # every rank: under a launcher, sempa-train's own check may not have run
+    heartbeat = Heartbeat(out_dir, dist.rank)  # names this rank if it dies or freezes (watchdog.py)
     if dist.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()
 
@@ -200,6 +217,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     history: list[dict[str, float]] = []
     policy.train()
     for step in range(start_step, total_steps):
+        heartbeat.step = step + 1
         t0 = time.time()
         epoch, pos = divmod(step, steps_per_epoch)
         ids = epoch_order(len(examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
@@ -303,6 +321,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     if dist.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         tracker.log_summary(summary)
+    heartbeat.close()
     return summary
 
 

@@ -53,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            f"--master_port={free_port()}", "--max_restarts=0", *forward_preemption_flags(), "-m", "sempa_dist.train"]
     cmd += ([config] if config else []) + overrides
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+               # how long torchrun waits, after a signal or a rank's failure, before it SIGKILLs the ranks:
+               # the time they have to save a preemption checkpoint (as in slurm/train_8x8.sh)
+               TORCH_ELASTIC_SHUTDOWN_TIMEOUT=os.environ.get("SEMPA_SHUTDOWN_TIMEOUT", "170"))
     marker = Path(cfg.train.output_dir) / "PREEMPTED"
     # torchrun forwards TERM/USR1 to the ranks (which checkpoint and exit 75) but dies itself with
     # code 1: ignore them here, wait for it, and report the preemption with the ranks' own code
@@ -62,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         rc = proc.wait()
     if rc != 0 and marker.is_file():
         return PREEMPTED_EXIT_CODE
+    if rc != 0:
+        from sempa_dist.checkpoint import find_resume
+
+        last_good = find_resume("auto", cfg.train.output_dir)
+        where = f"last complete checkpoint: {last_good} (train.resume=auto continues from it)" if last_good else "no checkpoint was completed"
+        print(f"sempa-train: training failed (exit {rc}; the ranks' and torchrun's reports above name the failed rank); {where}",
+              file=sys.stderr, flush=True)
     return rc
 
 
