@@ -24,7 +24,7 @@ import yaml
 
 from sempa_dist import checkpoint, tracking
 from sempa_dist.config import Config, load_config
-from sempa_dist.data import load_triplets, tokenize_triplets
+from sempa_dist.data import DataError, load_triplets, tokenize_triplets
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from sempa_dist.engines import build_policy, build_reference, prefix_sharing
 from sempa_dist.loss import preference_loss
@@ -176,6 +176,10 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     tracker.log_dataset(load_report, tok_report)
     B = cfg.train.global_batch_size
     steps_per_epoch = len(examples) // B
+    if not examples:  # every row dropped while tokenising (e.g. data.max_length shorter than the prompt)
+        raise DataError(f"{load_report.source}: all {tok_report.dropped_overlong} examples are longer than "
+                        f"data.max_length={cfg.data.max_length} tokens and were dropped (data.overlong=drop): "
+                        "raise data.max_length or use data.overlong=truncate")
     if steps_per_epoch == 0:
         raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))

@@ -6,13 +6,21 @@ K rejected per anchor (``data.num_rejected``): a source's own rejected sentences
 SNLI: the premise's contradiction hypotheses, then its neutral ones); when an anchor has fewer
 than K, the rest are *other examples' chosen sentences*, drawn with a seeded RNG (random
 in-corpus negatives, as in SimCSE's in-batch negatives). ``LoadReport.random_negatives`` counts them.
+
+Files are parsed here (csv module, json, pyarrow), not through HF datasets: every bad row is named by
+its file line (Parquet: row) and column and can be skipped on its own (``data.on_bad_row: skip``),
+CSV cells stay text, and nothing but ``DataError`` escapes for bad data. Hub datasets still load
+through HF datasets.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,9 +69,8 @@ def data_dir() -> Path | None:
 def load_triplets(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]], LoadReport]:
     """Read, validate and complete (to K rejected) the triplets named by `cfg`."""
     if cfg.source == "bundled":
-        rows, where, report = _read_jsonl_rows(bundled_path()), str(bundled_path()), LoadReport("bundled")
-        rows = [(i, r.get("anchor"), r.get("chosen"), r.get("rejected")) for i, r in rows]
-        cols = ("anchor", "chosen", "rejected")
+        where, report, cols = str(bundled_path()), LoadReport("bundled"), ("anchor", "chosen", "rejected")
+        rows = _dict_rows(_read_jsonl_rows(bundled_path()), where, cols, cfg, report)
     elif cfg.source == "snli":
         return _snli(cfg, seed)
     else:
@@ -72,8 +79,21 @@ def load_triplets(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]],
     return _complete(triplets, cfg, seed, report)
 
 
-def _read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    out = []
+Loc = int | str  # where a row is: its 1-based line (Parquet/hub: row), or "LINE: item N" inside a JSON array
+Row = tuple[Loc, Any, Any, Any]  # (loc, anchor, chosen, rejected)
+SKIP_HINT = " (set data.on_bad_row=skip to skip such rows)"
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # only from JSON escapes like "\\ud83d"; UTF-8 cannot encode them
+_JSON_WS = re.compile(r"[ \t\r\n]*")
+
+
+def _short(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_jsonl_rows(path: Path) -> list[tuple[Loc, Any]]:
+    hint = " (a .json file holds an array of row objects, or one row object per line)" if path.suffix.lower() == ".json" else ""
+    out: list[tuple[Loc, Any]] = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             line = _decode(raw, path, lineno).strip()
@@ -84,7 +104,9 @@ def _read_jsonl_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 out.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno}){hint}") from None
+            except (ValueError, RecursionError) as e:  # a 5000-digit number, [[[[...]]]] nested too deeply
+                raise DataError(f"{path}:{lineno}: invalid JSON: {_short(e)}") from None
     return out
 
 
@@ -95,20 +117,36 @@ def _decode(raw: bytes, path: Path | str, lineno: int) -> str:
         raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
 
 
-def _first_bad_utf8_line(path: Path) -> int | None:
+def _has_text(path: Path) -> bool:
+    """Whether the file has a non-blank line; raises DataError at the first line that is not UTF-8."""
+    found = False
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return lineno
-    return None
+            line = _decode(raw, path, lineno)
+            found = found or bool(line.lstrip("\ufeff").strip())
+    return found
 
 
-def _tabular(cfg: DataConfig):
-    """CSV/JSONL/Parquet files and hub datasets through HF datasets."""
-    import datasets
+def _require_columns(where: str, cols: tuple[str, ...], names: list[str]) -> None:
+    missing = [c for c in dict.fromkeys(cols) if c not in names]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; the file has {names} (set data.*_column)")
 
+
+def _bad_row(cfg: DataConfig, report: LoadReport, reason: str, msg: str) -> None:
+    """A row that cannot be used: fail naming it, or (on_bad_row=skip) count it and go on."""
+    if cfg.on_bad_row == "error":
+        raise DataError(msg + SKIP_HINT)
+    report.drop(reason, msg)
+
+
+def _rejected(values: list[Any]) -> Any:
+    """One column holding a list is the list of rejected sentences; otherwise one sentence per column."""
+    return values[0] if len(values) == 1 and isinstance(values[0], list) else values
+
+
+def _tabular(cfg: DataConfig) -> tuple[list[Row], str, LoadReport, tuple[str, ...]]:
+    """CSV/TSV, JSON (lines or array) and Parquet files, read here; hub datasets through HF datasets."""
     cols = (cfg.anchor_column, cfg.chosen_column, *cfg.rejected_columns)
     if cfg.source == "file":
         path = Path(cfg.path or "")
@@ -117,84 +155,184 @@ def _tabular(cfg: DataConfig):
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(FILE_BUILDERS)})")
-        if path.stat().st_size == 0:
-            raise DataError(f"{path}: file is empty")
-        if builder != "parquet" and (bad := _first_bad_utf8_line(path)) is not None:
-            with open(path, "rb") as fh:
-                raw = fh.readlines()[bad - 1]
-            _decode(raw, path, bad)
-        where = str(path)
-        if builder == "json" and _is_json_lines(path):
-            # Read JSON lines ourselves: row numbers stay file lines (HF skips blank lines), a bad line
-            # is one bad row rather than an opaque parser failure of the whole file.
-            return _json_lines(path, cols, cfg)
-        kwargs: dict[str, Any] = {}
-        if builder == "csv":  # keep "NA", "null", "None" ... as text; an empty cell is an empty sentence
-            kwargs = {"keep_default_na": False, **({"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {})}
+        report = LoadReport(str(path))
         try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-        except Exception as e:  # noqa: BLE001 - turn any parser failure into one clear error
-            raise DataError(f"{path}: could not be parsed as {builder}: {type(e).__name__}: {e}") from None
-        first_row = 2 if builder == "csv" else 1  # CSV row 1 is the header
-    else:
-        try:
-            ds = datasets.load_dataset(cfg.path, data_files=cfg.hub_file, split=cfg.split)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(
-                f"data.path: hub dataset {cfg.path!r} (file {cfg.hub_file!r}) could not be loaded "
-                f"({type(e).__name__}: {str(e)[:200]}). Offline? Download it to a file and use data.source=file."
-            ) from None
-        where, first_row = f"hub:{cfg.path}", 1
-    missing = [c for c in cols if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; the file has {ds.column_names} (set data.*_column)")
+            return _read_file(path, builder, cols, cfg, report), str(path), report, cols
+        except OSError as e:  # unreadable (permissions, a vanished mount): still one DataError naming the file
+            raise DataError(f"{path}: cannot be read ({_short(e)})") from None
+
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(cfg.path, data_files=cfg.hub_file, split=cfg.split)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(
+            f"data.path: hub dataset {cfg.path!r} (file {cfg.hub_file!r}) could not be loaded "
+            f"({type(e).__name__}: {str(e)[:200]}). Offline? Download it to a file and use data.source=file."
+        ) from None
+    where = f"hub:{cfg.path}"
+    _require_columns(where, cols, list(ds.column_names))
     report = LoadReport(where)
-    rows = []
-    for i, rec in enumerate(ds):
-        rejected = [rec[c] for c in cfg.rejected_columns]
-        if len(rejected) == 1 and isinstance(rejected[0], list):
-            rejected = rejected[0]
-        rows.append((i + first_row, rec[cfg.anchor_column], rec[cfg.chosen_column], rejected))
-    return rows, where, report, cols
+    return _dict_rows(((i, rec) for i, rec in enumerate(ds, 1)), where, cols, cfg, report), where, report, cols
 
 
-def _is_json_lines(path: Path) -> bool:
-    """.jsonl, or a .json file whose first non-blank character opens an object (not a JSON array)."""
+def _read_file(path: Path, builder: str, cols: tuple[str, ...], cfg: DataConfig, report: LoadReport) -> list[Row]:
+    where = str(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    if builder == "parquet":
+        return _dict_rows(_parquet_records(path, cols), where, cols, cfg, report)
+    if not _has_text(path):
+        raise DataError(f"{path}: file is empty (only blank lines)")
+    if builder == "csv":
+        return _csv_rows(path, cols, cfg, report)
+    records = _json_array_records(path) if _is_json_array(path) else _read_jsonl_rows(path)
+    return _dict_rows(records, where, cols, cfg, report)
+
+
+def _csv_rows(path: Path, cols: tuple[str, ...], cfg: DataConfig, report: LoadReport) -> list[Row]:
+    """CSV/TSV with Python's csv module: every cell stays text ("NA", "1" are sentences), a row is
+    numbered by the file line it starts on (quoted cells may span lines), and a row with the wrong
+    number of cells is one bad row, not a failure of the whole file."""
+    where = str(path)
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    rows: list[Row] = []
+    header: list[str] | None = None
+    index: list[int] = []
+    old_limit = csv.field_size_limit()
+    # the default 128 KiB cell limit would abort the whole file on one absurd line; length is judged per sentence
+    csv.field_size_limit(2**31 - 1)
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
+            end = 0
+            try:
+                for rec in reader:
+                    start, end = end + 1, reader.line_num
+                    if not rec:  # a blank line
+                        continue
+                    if header is None:
+                        header = rec
+                        _require_columns(where, cols, header)
+                        twice = [c for c in dict.fromkeys(cols) if header.count(c) > 1]
+                        if twice:
+                            raise DataError(f"{where}:{start}: column(s) {twice} appear more than once in the header")
+                        index = [header.index(c) for c in cols]
+                        continue
+                    if len(rec) != len(header):
+                        report.rows_read += 1
+                        span = f" (the row runs over lines {start}-{end}: an unclosed quote?)" if end > start else ""
+                        msg = f"{where}:{start}: {len(rec)} cell(s) where the header has {len(header)}{span}"
+                        _bad_row(cfg, report, "wrong number of cells", msg)
+                        continue
+                    values = [rec[i] for i in index]
+                    rows.append((start, values[0], values[1], values[2:]))
+            except csv.Error as e:
+                raise DataError(f"{where}:{reader.line_num}: malformed CSV: {e}") from None
+    finally:
+        csv.field_size_limit(old_limit)
+    if header is None:
+        raise DataError(f"{where}: no header row")
+    if not rows and not report.dropped:
+        raise DataError(f"{where}: no rows after the header")
+    return rows
+
+
+def _is_json_array(path: Path) -> bool:
+    """A .json file whose first non-blank character opens an array (else: JSON lines, as .jsonl)."""
     if path.suffix.lower() == ".jsonl":
-        return True
+        return False
     with open(path, "rb") as fh:
         head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    return head.startswith(b"{")
+    return head.startswith(b"[")
 
 
-def _json_lines(path: Path, cols, cfg: DataConfig):
-    where, report = str(path), LoadReport(str(path))
-    records = _read_jsonl_rows(path)
-    names = list(dict.fromkeys(k for _, rec in records if isinstance(rec, dict) for k in rec))
-    missing = [c for c in cols if c not in names]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; the file has {names} (set data.*_column)")
-    rows = []
-    for lineno, rec in records:
+def _json_array_records(path: Path) -> list[tuple[Loc, Any]]:
+    """The items of a JSON array, each with the line it starts on: parsed item by item so that an
+    error or a bad row names its line and item rather than 'the file'."""
+    with open(path, encoding="utf-8-sig") as fh:
+        text = fh.read()
+    decoder = json.JSONDecoder()
+    out: list[tuple[Loc, Any]] = []
+    line, counted = 1, 0  # `line` is the line number at offset `counted`
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    pos = _JSON_WS.match(text).end()
+    if not text.startswith("[", pos):  # e.g. a second byte order mark
+        raise DataError(f"{path}:{line_at(pos)}: invalid JSON: expected '[' (an array of row objects)")
+    pos = _JSON_WS.match(text, pos + 1).end()
+    closed = text.startswith("]", pos)
+    pos += closed
+    while not closed:
+        item_line = line_at(pos)
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except (ValueError, RecursionError) as e:  # a 5000-digit number, [[[[...]]]] nested too deeply
+            raise DataError(f"{path}:{item_line}: invalid JSON in item {len(out) + 1}: {_short(e)}") from None
+        out.append((f"{item_line}: item {len(out) + 1}", value))
+        pos = _JSON_WS.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _JSON_WS.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            pos, closed = pos + 1, True
+        else:
+            raise DataError(f"{path}:{line_at(pos)}: invalid JSON: expected ',' or ']' after item {len(out)}")
+    pos = _JSON_WS.match(text, pos).end()
+    if pos < len(text):
+        raise DataError(f"{path}:{line_at(pos)}: invalid JSON: more data after the array's closing ']'")
+    return out
+
+
+def _parquet_records(path: Path, cols: tuple[str, ...]) -> list[tuple[Loc, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as pf:
+            _require_columns(str(path), cols, list(pf.schema_arrow.names))
+            records = pf.read(columns=list(dict.fromkeys(cols))).to_pylist()
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...: one clear error
+        raise DataError(f"{path}: not a readable Parquet file ({_short(e)})") from None
+    return list(enumerate(records, 1))
+
+
+def _dict_rows(records: Iterable[tuple[Loc, Any]], where: str, cols: tuple[str, ...], cfg: DataConfig,
+               report: LoadReport) -> list[Row]:
+    """Rows that are objects (JSON, Parquet, hub) -> (loc, anchor, chosen, rejected); a row that is
+    not an object is a bad row."""
+    records = list(records)
+    if not records:
+        raise DataError(f"{where}: no rows")
+    objects = [rec for _, rec in records if isinstance(rec, dict)]
+    if not objects:
+        loc, rec = records[0]
+        raise DataError(f"{where}:{loc}: not a JSON object: {_show(rec)} (and no other row is one)")
+    _require_columns(where, cols, list(dict.fromkeys(k for rec in objects for k in rec)))
+    rows: list[Row] = []
+    for loc, rec in records:
         if not isinstance(rec, dict):
-            msg = f"{where}:{lineno}: not a JSON object: {_show(rec)}"
-            if cfg.on_bad_row == "error":
-                raise DataError(msg + " (set data.on_bad_row=skip to skip such rows)")
             report.rows_read += 1
-            report.drop("not a JSON object", msg)
+            _bad_row(cfg, report, "not a JSON object", f"{where}:{loc}: not a JSON object: {_show(rec)}")
             continue
-        rejected = [rec.get(c) for c in cfg.rejected_columns]
-        if len(rejected) == 1 and isinstance(rejected[0], list):
-            rejected = rejected[0]
-        rows.append((lineno, rec.get(cfg.anchor_column), rec.get(cfg.chosen_column), rejected))
-    return rows, where, report, cols
+        rejected = _rejected([rec.get(c) for c in cols[2:]])
+        rows.append((loc, rec.get(cols[0]), rec.get(cols[1]), rejected))
+    return rows
 
 
-def _validate(rows, where: str, cols, cfg: DataConfig, report: LoadReport) -> list[dict[str, Any]]:
+def _validate(rows: list[Row], where: str, cols: tuple[str, ...], cfg: DataConfig,
+              report: LoadReport) -> list[dict[str, Any]]:
     anchor_col, chosen_col = cols[0], cols[1]
     rejected_col = cols[2] if len(cols) == 3 else ",".join(cols[2:])
     out = []
-    for lineno, anchor, chosen, rejected in rows:
+    for loc, anchor, chosen, rejected in rows:
         report.rows_read += 1
         problem = _check(anchor, anchor_col) or _check(chosen, chosen_col)
         if problem is None:
@@ -206,10 +344,7 @@ def _validate(rows, where: str, cols, cfg: DataConfig, report: LoadReport) -> li
                         break
         if problem is not None:
             col, why, value = problem
-            msg = f"{where}:{lineno}: column {col!r}: {why}: {_show(value)}"
-            if cfg.on_bad_row == "error":
-                raise DataError(msg + " (set data.on_bad_row=skip to skip such rows)")
-            report.drop(why, msg)
+            _bad_row(cfg, report, why, f"{where}:{loc}: column {col!r}: {why}: {_show(value)}")
             continue
         out.append({"anchor": anchor.strip(), "chosen": chosen.strip(), "rejected": [r.strip() for r in rejected]})
     return out
@@ -222,6 +357,8 @@ def _check(value: Any, col: str) -> tuple[str, str, Any] | None:
         return (col, "empty sentence", value)
     if len(value) > MAX_SENTENCE_CHARS:
         return (col, f"longer than {MAX_SENTENCE_CHARS} characters", value)
+    if _SURROGATE.search(value):  # the tokenizer and Arrow cannot encode it (a UnicodeEncodeError later)
+        return (col, "lone UTF-16 surrogate (a broken JSON \\u escape?)", value)
     return None
 
 
@@ -282,8 +419,12 @@ def _snli(cfg: DataConfig, seed: int) -> tuple[list[dict[str, Any]], LoadReport]
             raise DataError(f"{f}: SNLI file not found (data.path / data.split)")
     columns = []
     for f in files:
+        if f.stat().st_size == 0:
+            raise DataError(f"{f}: file is empty")
         with open(f, "rb") as fh:
-            columns.append([_decode(raw, f, n).rstrip("\n") for n, raw in enumerate(fh, 1)])
+            lines = [_decode(raw, f, n).rstrip("\n") for n, raw in enumerate(fh, 1)]
+        lines[0] = lines[0].lstrip("\ufeff")  # a UTF-8 byte order mark
+        columns.append(lines)
     s1, s2, labels = columns
     if not (len(s1) == len(s2) == len(labels)):
         raise DataError(f"{root}: s1/s2/labels.{cfg.split} have different line counts {len(s1)}/{len(s2)}/{len(labels)}")
@@ -291,21 +432,24 @@ def _snli(cfg: DataConfig, seed: int) -> tuple[list[dict[str, Any]], LoadReport]
     groups: dict[str, dict[str, list[str]]] = {}
     for n, (p, h, lab) in enumerate(zip(s1, s2, labels, strict=True), 1):
         report.rows_read += 1
-        lab = lab.strip()
+        p, h, lab = p.strip(), h.strip(), lab.strip()
         if lab not in ("entailment", "neutral", "contradiction"):
-            msg = f"{files[2]}:{n}: unknown label {lab!r}"
-            if cfg.on_bad_row == "error":
-                raise DataError(msg)
-            report.drop("unknown label", msg)
+            _bad_row(cfg, report, "unknown label", f"{files[2]}:{n}: unknown label {_show(lab)}")
             continue
-        if not p.strip() or not h.strip():
-            msg = f"{files[0] if not p.strip() else files[1]}:{n}: empty sentence"
-            if cfg.on_bad_row == "error":
-                raise DataError(msg)
-            report.drop("empty sentence", msg)
+        problem = None
+        for f, text in ((files[0], p), (files[1], h)):
+            if not text:
+                problem = ("empty sentence", f"{f}:{n}: empty sentence")
+            elif len(text) > MAX_SENTENCE_CHARS:
+                why = f"longer than {MAX_SENTENCE_CHARS} characters"
+                problem = (why, f"{f}:{n}: {why}: {_show(text)}")
+            if problem is not None:
+                break
+        if problem is not None:
+            _bad_row(cfg, report, *problem)
             continue
-        g = groups.setdefault(p.strip(), {"entailment": [], "neutral": [], "contradiction": []})
-        g[lab].append(h.strip())
+        g = groups.setdefault(p, {"entailment": [], "neutral": [], "contradiction": []})
+        g[lab].append(h)
     triplets = []
     for premise, g in groups.items():
         if not g["entailment"] or not g["contradiction"]:

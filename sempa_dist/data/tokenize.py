@@ -58,7 +58,8 @@ def data_fingerprint(triplets: list[dict[str, Any]], tokenizer, cfg: DataConfig)
     h = hashlib.sha256()
     for t in triplets:
         h.update(json.dumps(t, sort_keys=True, ensure_ascii=False).encode())
-    settings = [cfg.template, cfg.system_prompt, cfg.use_chat_template, cfg.max_length, cfg.overlong]
+    settings = [cfg.template, cfg.system_prompt, cfg.use_chat_template, cfg.max_length, cfg.overlong,
+                "responses: split_special_tokens"]  # a change of how text is encoded invalidates old caches
     h.update(json.dumps(settings).encode())
     h.update(tokenizer_fingerprint(tokenizer).encode())
     return h.hexdigest()[:20]
@@ -82,7 +83,9 @@ def tokenize_triplets(
         out_p, out_r, status = [], [], []
         for p, chosen, rejected in zip(prompt_ids, batch["chosen"], batch["rejected"], strict=True):
             texts = [chosen, *rejected]
-            resp = [ids + [eos] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            # data text is text: an "<|im_end|>" inside a sentence must not become the real end-of-turn token
+            ids_list = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            resp = [ids + [eos] for ids in ids_list]
             room = cfg.max_length - len(p)
             over = any(len(r) > room for r in resp)
             if over and (cfg.overlong == "drop" or room < 1):
@@ -96,6 +99,8 @@ def tokenize_triplets(
             out_r.append(resp)
         return {"prompt_ids": out_p, "responses": out_r, "status": status}
 
+    if not triplets:  # Dataset.from_list([]) has no columns: map() would never create "status"
+        return [], TokenizeReport(fingerprint=fp)
     ds = datasets.Dataset.from_list(triplets)
     ds = ds.map(
         encode, batched=True, batch_size=256, remove_columns=ds.column_names,

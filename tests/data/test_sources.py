@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sempa_dist.config import DataConfig
-from sempa_dist.data import DataError, data_dir, load_triplets
+from sempa_dist.data import DataError, data_dir, load_triplets, tokenize_triplets
 from sempa_dist.data.sources import MAX_SENTENCE_CHARS, bundled_path
 
 HEADER = ["sent0", "sent1", "hard_neg"]
@@ -220,31 +221,10 @@ def test_unsupported_suffix(tmp_path):
         load_triplets(file_cfg(path))
 
 
-@pytest.mark.parametrize("name", ["empty.csv", "empty.jsonl", "empty.parquet"])
-def test_empty_file(tmp_path, name):
-    path = tmp_path / name
-    path.write_bytes(b"")
-    with pytest.raises(DataError, match=f"^{path}: file is empty$"):
-        load_triplets(file_cfg(path))
-
-
 def test_header_only_csv_has_no_usable_examples(tmp_path):
     path = write_csv(tmp_path / "header.csv", [])
     with pytest.raises(DataError, match=f"^{path}"):
         load_triplets(file_cfg(path))
-
-
-@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
-def test_missing_column_lists_the_columns(tmp_path, suffix):
-    if suffix == "csv":
-        path = write_csv(tmp_path / "x.csv", [["a", "b", "c"]], header=["sentence1", "sentence2", "negative"])
-    else:
-        path = write_jsonl(tmp_path / "x.jsonl", [{"sentence1": "a", "sentence2": "b", "negative": "c"}])
-    with pytest.raises(DataError) as ei:
-        load_triplets(file_cfg(path))
-    msg = str(ei.value)
-    assert msg.startswith(f"{path}: missing column(s) ['sent0', 'sent1', 'hard_neg']")
-    assert "['sentence1', 'sentence2', 'negative']" in msg
 
 
 def test_empty_sentence_in_csv_names_file_row_and_column(tmp_path):
@@ -309,20 +289,6 @@ def test_jsonl_line_that_is_not_an_object_or_not_json(tmp_path):
         load_triplets(file_cfg(path, on_bad_row="skip"))
 
 
-@pytest.mark.parametrize("suffix", ["csv", "jsonl"])
-def test_non_utf8_bytes_name_the_line(tmp_path, suffix):
-    path = tmp_path / f"latin1.{suffix}"
-    if suffix == "csv":
-        body = b"sent0,sent1,hard_neg\na,b,c\ncaf\xe9 au lait,d,e\n"
-    else:
-        body = b'{"sent0": "a", "sent1": "b", "hard_neg": "c"}\n{"sent0": "caf\xe9", "sent1": "d", "hard_neg": "e"}\n'
-    path.write_bytes(body)
-    with pytest.raises(DataError) as ei:
-        load_triplets(file_cfg(path, on_bad_row="skip"))
-    msg = str(ei.value)
-    assert msg.startswith(f"{path}:{3 if suffix == 'csv' else 2}: not UTF-8 (byte 0xe9")
-
-
 def test_utf8_bom_csv_header_is_read(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_bytes("\ufeffsent0,sent1,hard_neg\nä,ö,ü\n".encode())
@@ -362,6 +328,242 @@ def test_multiple_rejected_columns_are_named_together(tmp_path):
 def test_everything_skipped_is_an_error(tmp_path):
     path = write_csv(tmp_path / "allbad.csv", [["", "b", "c"], ["a", "", "c"]])
     with pytest.raises(DataError, match=r"no usable examples \(dropped: \{'empty sentence': 2\}\)"):
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every bad-data case in every file format: one DataError naming file, row and column, or (skip)
+# the row dropped and counted
+
+FORMATS = ["csv", "tsv", "jsonl", "json", "json-lines", "parquet"]  # json: an array; json-lines: .json, one per line
+SUFFIX = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "json": ".json", "json-lines": ".json", "parquet": ".parquet"}
+SKIP_HINT = "(set data.on_bad_row=skip to skip such rows)"
+
+
+def write_table(tmp_path: Path, fmt: str, rows: list[list], header: list[str] = HEADER) -> Path:
+    """`rows` (cells: str or None) in `fmt`; JSON is pretty-printed (items span lines) and \\u-escaped."""
+    path = tmp_path / f"rows{SUFFIX[fmt]}"
+    if fmt in ("csv", "tsv"):
+        return write_csv(path, rows, header=header, delimiter="\t" if fmt == "tsv" else ",")
+    dicts = [dict(zip(header, r, strict=True)) for r in rows]
+    if fmt == "json":
+        path.write_text(json.dumps(dicts, indent=2), encoding="ascii")
+    elif fmt == "parquet":
+        pd = pytest.importorskip("pandas")
+        pd.DataFrame(rows, columns=header).to_parquet(path)
+    else:
+        path.write_text("".join(json.dumps(d) + "\n" for d in dicts), encoding="ascii")
+    return path
+
+
+def loc(path: Path, fmt: str, i: int) -> str:
+    """Where data row `i` (0-based) is, as the loader names it: its file line (Parquet: row)."""
+    if fmt in ("csv", "tsv"):
+        return str(i + 2)  # line 1 is the header
+    if fmt == "json":
+        starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip() == "{"]
+        return f"{starts[i]}: item {i + 1}"
+    return str(i + 1)
+
+
+BAD_CELLS = {
+    "empty": ("", "empty sentence"),
+    "blank": (" \t ", "empty sentence"),
+    "long": ("w" * (MAX_SENTENCE_CHARS + 1), f"longer than {MAX_SENTENCE_CHARS} characters"),
+    "null": (None, "not a string"),
+    "lone-surrogate": ("broken \ud83d emoji", "lone UTF-16 surrogate"),
+}
+# a CSV cell is always text (an empty cell is the "empty" case); Parquet cannot store a lone surrogate
+_CANNOT_HOLD = {("csv", "null"), ("tsv", "null"), ("csv", "lone-surrogate"), ("tsv", "lone-surrogate"),
+                ("parquet", "lone-surrogate")}
+
+
+@pytest.mark.parametrize(("fmt", "case"), [(f, c) for f in FORMATS for c in BAD_CELLS if (f, c) not in _CANNOT_HOLD])
+def test_bad_sentence_names_file_row_and_column_in_every_format(tmp_path, fmt, case):
+    value, why = BAD_CELLS[case]
+    rows = [list(r) for r in GOOD]
+    rows[2][1] = value
+    path = write_table(tmp_path, fmt, rows)
+    where = f"{path}:{loc(path, fmt, 2)}: column 'sent1': {why}"
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    assert msg.startswith(where) and msg.endswith(SKIP_HINT)
+    assert len(msg) < len(where) + 150  # the value is shortened
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == [GOOD[0][0], GOOD[1][0], GOOD[3][0]]
+    assert (report.rows_read, report.kept) == (4, 3)
+    assert list(report.dropped.values()) == [1] and next(iter(report.dropped)).startswith(why)
+    assert len(report.first_bad) == 1 and report.first_bad[0].startswith(where)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_absurdly_long_line_in_every_format(tmp_path, fmt):
+    rows = [list(r) for r in GOOD]
+    rows[1][0] = "w" * 300_000  # one line longer than the csv module's 128 KiB cell limit
+    path = write_table(tmp_path, fmt, rows)
+    limit = csv.field_size_limit()
+    why = f"longer than {MAX_SENTENCE_CHARS} characters"
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}:{loc(path, fmt, 1)}: column 'sent0': {why}: 'www") and len(msg) < len(str(path)) + 200
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == [GOOD[0][0], GOOD[2][0], GOOD[3][0]]
+    assert report.dropped == {why: 1}
+    assert csv.field_size_limit() == limit  # raised only while reading
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "parquet"])
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_non_utf8_bytes_name_the_line_in_every_text_format(tmp_path, fmt, mode):
+    path = write_table(tmp_path, fmt, GOOD)
+    data = path.read_bytes()
+    at = data.index(GOOD[2][1].encode())
+    path.write_bytes(data[:at] + b"caf\xe9 " + data[at:])  # Latin-1, as a spreadsheet may save it
+    line = data[:at].count(b"\n") + 1
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:{line}: not UTF-8 \\(byte 0xe9 at column "):
+        load_triplets(file_cfg(path, on_bad_row=mode))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_missing_column_lists_the_columns_in_every_format(tmp_path, fmt, mode):
+    path = write_table(tmp_path, fmt, GOOD, header=["sentence1", "sentence2", "negative"])
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path, on_bad_row=mode))
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: missing column(s) ['sent0', 'sent1', 'hard_neg']")
+    assert "['sentence1', 'sentence2', 'negative']" in msg
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("content", [b"", b"\n  \r\n\t\n"], ids=["empty", "blank-lines"])
+def test_empty_file_in_every_format(tmp_path, suffix, content):
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(content)
+    if not content:
+        expected = "file is empty"
+    elif suffix == ".parquet":
+        expected = "not a readable Parquet file"
+    else:
+        expected = "file is empty (only blank lines)"
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError, match=f"^{re.escape(f'{path}: {expected}')}"):
+            load_triplets(file_cfg(path, on_bad_row=mode))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "parquet"])
+def test_file_with_no_rows(tmp_path, fmt):
+    path = write_table(tmp_path, fmt, [])
+    expected = "no rows after the header" if fmt in ("csv", "tsv") else "no rows"
+    with pytest.raises(DataError, match=f"^{re.escape(f'{path}: {expected}')}$"):
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
+@pytest.mark.parametrize("delimiter", [",", "\t"])
+def test_csv_row_with_the_wrong_number_of_cells(tmp_path, delimiter):
+    path = write_csv(tmp_path / ("rows.tsv" if delimiter == "\t" else "rows.csv"),
+                     [GOOD[0], ["a", "b", "c", "d"], ["e", "f"], GOOD[1]], delimiter=delimiter)
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    assert str(ei.value) == f"{path}:3: 4 cell(s) where the header has 3 {SKIP_HINT}"
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == [GOOD[0][0], GOOD[1][0]]
+    assert (report.rows_read, report.dropped) == (4, {"wrong number of cells": 2})
+    assert report.first_bad == [f"{path}:3: 4 cell(s) where the header has 3", f"{path}:4: 2 cell(s) where the header has 3"]
+
+
+def test_csv_unclosed_quote_names_the_line_it_starts_on(tmp_path):
+    path = tmp_path / "quote.csv"
+    path.write_text('sent0,sent1,hard_neg\na,b,c\n"never closed,x,y\nd,e,f\ng,h,i\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}:3: 1 cell(s) where the header has 3 (the row runs over lines 3-5: an unclosed quote?)")):
+        load_triplets(file_cfg(path))
+
+
+def test_csv_rows_are_numbered_by_file_line_past_multiline_cells(tmp_path):
+    path = write_csv(tmp_path / "multi.csv", [["an anchor\nover two lines", "b", "c"], GOOD[0], ["x", "", "z"]])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:5: column 'sent1': empty sentence"):
+        load_triplets(file_cfg(path))
+    triplets, _ = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["anchor"] for t in triplets] == ["an anchor\nover two lines", GOOD[0][0]]
+
+
+def test_csv_cells_stay_text(tmp_path):
+    # pandas would read an all-number column as numbers ("not a string"); every CSV cell is text
+    path = write_csv(tmp_path / "numbers.csv", [["1", "2", "3"], ["4.5", "NaN", "True"]])
+    triplets, _ = load_triplets(file_cfg(path))
+    assert triplets == [{"anchor": "1", "chosen": "2", "rejected": ["3"]},
+                        {"anchor": "4.5", "chosen": "NaN", "rejected": ["True"]}]
+
+
+def test_csv_column_named_twice(tmp_path):
+    path = write_csv(tmp_path / "twice.csv", [["a", "b", "c", "d"]], header=["sent0", "sent1", "sent0", "hard_neg"])
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: column(s) ['sent0'] appear more than once in the header")):
+        load_triplets(file_cfg(path))
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    ('[\n  {"sent0": "a", "sent1": "b", "hard_neg": "c"},\n  {"sent0": "d" "sent1": "e"}\n]',
+     ":3: invalid JSON: Expecting ',' delimiter (column 17)"),
+    ('[{"sent0": "a", "sent1": "b", "hard_neg": "c"},]', ":1: invalid JSON: Expecting value (column 48)"),
+    ('[{"sent0": "a", "sent1": "b", "hard_neg": "c"}', ":1: invalid JSON: expected ',' or ']' after item 1"),
+    ('[{"sent0": "a", "sent1": "b", "hard_neg": "c"}]\n[]', ":2: invalid JSON: more data after the array's closing ']'"),
+    ('{"sent0": "a",\n "sent1": "b", "hard_neg": "c"}', ":1: invalid JSON: Expecting property name enclosed in double "
+     "quotes (column 15) (a .json file holds an array of row objects, or one row object per line)"),
+])
+def test_malformed_json_file_names_the_line(tmp_path, body, expected):
+    path = tmp_path / "rows.json"
+    path.write_text(body, encoding="utf-8")
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert str(ei.value) == f"{path}{expected}"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("value", ["[" * 100_000, "9" * 5000], ids=["nested-too-deep", "5000-digit-number"])
+def test_pathological_json_is_a_data_error(tmp_path, suffix, value):
+    # json raises RecursionError / a plain ValueError (int digit limit) for these, not JSONDecodeError
+    good = json.dumps(dict(zip(HEADER, GOOD[0], strict=True)))
+    path = tmp_path / f"rows{suffix}"
+    bad = '{"sent0": ' + value + "}"
+    path.write_text(f"[\n{good},\n{bad}\n]" if suffix == ".json" else f"{good}\n{bad}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:[23]: invalid JSON"):
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_json_rows_that_are_not_objects(tmp_path, fmt):
+    path = tmp_path / f"rows{SUFFIX[fmt]}"
+    items = [dict(zip(HEADER, GOOD[0], strict=True)), "just text", dict(zip(HEADER, GOOD[1], strict=True))]
+    path.write_text(json.dumps(items) if fmt == "json" else "".join(json.dumps(i) + "\n" for i in items))
+    where = f"{path}:1: item 2" if fmt == "json" else f"{path}:2"
+    with pytest.raises(DataError, match=re.escape(f"{where}: not a JSON object: 'just text' {SKIP_HINT}")):
+        load_triplets(file_cfg(path))
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert len(triplets) == 2 and report.dropped == {"not a JSON object": 1} and report.rows_read == 3
+    path.write_text(json.dumps([1, 2]) if fmt == "json" else "1\n2\n")
+    with pytest.raises(DataError, match="not a JSON object: 1 \\(and no other row is one\\)"):
+        load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
+def test_lone_surrogate_is_dropped_before_it_reaches_the_tokenizer(tmp_path, tiny_tokenizer):
+    # "\ud83d" without its low half is valid JSON, but no UTF-8 encoder (Arrow, the tokenizer) takes it
+    rows = [list(r) for r in GOOD]
+    rows[1][2] = "broken \ud83d emoji"
+    path = write_table(tmp_path, "jsonl", rows)
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert len(triplets) == 3 and sum(report.dropped.values()) == 1
+    examples, _ = tokenize_triplets(triplets, tiny_tokenizer, DataConfig(cache_dir=str(tmp_path / "cache")))
+    assert len(examples) == 3
+
+
+@pytest.mark.parametrize("body", [b"PAR1 but no parquet", None], ids=["not-parquet", "truncated"])
+def test_unreadable_parquet(tmp_path, body):
+    path = write_table(tmp_path, "parquet", GOOD)
+    path.write_bytes(body if body is not None else path.read_bytes()[:-30])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: not a readable Parquet file \\(Arrow"):
         load_triplets(file_cfg(path, on_bad_row="skip"))
 
 
@@ -460,7 +662,7 @@ def test_snli_k2_takes_contradiction_then_neutral(tmp_path):
 def test_snli_split_suffix_and_crlf(tmp_path):
     root = tmp_path / "snli"
     root.mkdir()
-    (root / "s1.test").write_bytes(b"A premise .\r\nA premise .\r\n")
+    (root / "s1.test").write_bytes(b"\xef\xbb\xbfA premise .\r\nA premise .\r\n")  # BOM: not part of the premise
     (root / "s2.test").write_bytes(b"yes .\r\nno .\r\n")
     (root / "labels.test").write_bytes(b"entailment\r\ncontradiction\r\n")
     triplets, _ = load_triplets(snli_cfg(root, split="test"))
@@ -474,7 +676,7 @@ def test_snli_unknown_label(tmp_path):
     root = write_snli(tmp_path / "snli", pairs)
     with pytest.raises(DataError) as ei:
         load_triplets(snli_cfg(root))
-    assert str(ei.value) == f"{root / 'labels.dev'}:4: unknown label 'hidden'"
+    assert str(ei.value) == f"{root / 'labels.dev'}:4: unknown label 'hidden' (set data.on_bad_row=skip to skip such rows)"
     triplets, report = load_triplets(snli_cfg(root, on_bad_row="skip"))
     assert [t["anchor"] for t in triplets] == ["P1 a man rides a horse .", "P5 a cook fries eggs ."]
     assert report.dropped == {"unknown label": 1}
@@ -484,7 +686,7 @@ def test_snli_unknown_label(tmp_path):
 def test_snli_empty_sentence_and_line_count_mismatch(tmp_path):
     pairs = [*SNLI_PAIRS[:2], ("P1 a man rides a horse .", "  ", "contradiction"), *SNLI_PAIRS[9:]]
     root = write_snli(tmp_path / "snli", pairs)
-    with pytest.raises(DataError, match=f"^{root / 's2.dev'}:3: empty sentence$"):
+    with pytest.raises(DataError, match=rf"^{root / 's2.dev'}:3: empty sentence \(set data.on_bad_row=skip"):
         load_triplets(snli_cfg(root))
     triplets, report = load_triplets(snli_cfg(root, on_bad_row="skip"))
     assert [t["anchor"] for t in triplets] == ["P5 a cook fries eggs ."]
@@ -495,11 +697,49 @@ def test_snli_empty_sentence_and_line_count_mismatch(tmp_path):
         load_triplets(snli_cfg(root))
 
 
-def test_snli_non_utf8(tmp_path):
+@pytest.mark.parametrize("name", ["s1", "s2", "labels"])
+def test_snli_non_utf8_in_any_file(tmp_path, name):
     root = write_snli(tmp_path / "snli", SNLI_PAIRS)
-    (root / "s1.dev").write_bytes((root / "s1.dev").read_bytes().replace(b"P3 a child", b"P3 a caf\xe9", 1))
-    with pytest.raises(DataError, match=f"^{root / 's1.dev'}:6: not UTF-8"):
+    f = root / f"{name}.dev"
+    lines = f.read_bytes().split(b"\n")
+    lines[5] = lines[5][:2] + b"\xe9" + lines[5][2:]
+    f.write_bytes(b"\n".join(lines))
+    for mode in ("error", "skip"):
+        with pytest.raises(DataError, match=f"^{re.escape(str(f))}:6: not UTF-8 \\(byte 0xe9 at column 3\\)"):
+            load_triplets(snli_cfg(root, on_bad_row=mode))
+
+
+@pytest.mark.parametrize("name", ["s1", "s2", "labels"])
+def test_snli_empty_file(tmp_path, name):
+    root = write_snli(tmp_path / "snli", SNLI_PAIRS)
+    (root / f"{name}.dev").write_bytes(b"")
+    with pytest.raises(DataError, match=f"^{re.escape(str(root / f'{name}.dev'))}: file is empty$"):
+        load_triplets(snli_cfg(root, on_bad_row="skip"))
+
+
+@pytest.mark.parametrize("name", ["s1", "s2"])
+def test_snli_absurdly_long_or_empty_sentence(tmp_path, name):
+    why = f"longer than {MAX_SENTENCE_CHARS} characters"
+    for text, reason, shown in (("w" * 300_000, why, f"{why}: 'www"), ("   ", "empty sentence", "empty sentence")):
+        pairs = list(SNLI_PAIRS)
+        p, h, lab = pairs[9]  # P5's entailment
+        pairs[9] = (text, h, lab) if name == "s1" else (p, text, lab)
+        root = write_snli(tmp_path / f"snli-{reason[:5]}", pairs)
+        with pytest.raises(DataError) as ei:
+            load_triplets(snli_cfg(root))
+        msg = str(ei.value)
+        assert msg.startswith(f"{root / f'{name}.dev'}:10: {shown}") and msg.endswith(SKIP_HINT) and len(msg) < 300
+        triplets, report = load_triplets(snli_cfg(root, on_bad_row="skip"))
+        assert [t["anchor"] for t in triplets] == ["P1 a man rides a horse .", "P3 a child sings ."]
+        assert report.dropped == {reason: 1, "premise lacks an entailment or a contradiction": 3}
+
+
+def test_snli_absurd_label_is_shortened(tmp_path):
+    pairs = [*SNLI_PAIRS[:3], ("P9 x .", "P9 y", "x" * 300_000), *SNLI_PAIRS[9:]]
+    root = write_snli(tmp_path / "snli", pairs)
+    with pytest.raises(DataError) as ei:
         load_triplets(snli_cfg(root))
+    assert str(ei.value).startswith(f"{root / 'labels.dev'}:4: unknown label 'xxx") and len(str(ei.value)) < 300
 
 
 def test_snli_default_dir_comes_from_sempa_data_dir(tmp_path, monkeypatch):
@@ -567,6 +807,15 @@ def test_hub_rows_are_validated_with_their_real_column_names(monkeypatch):
     triplets, report = load_triplets(dataclasses.replace(c, on_bad_row="skip"))
     assert triplets == [{"anchor": "a", "chosen": "b", "rejected": ["c", "d"]}]
     assert report.source == "hub:org/set" and report.dropped == {"not a string": 1}
+
+
+def test_hub_dataset_without_the_columns(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: datasets.Dataset.from_list([{"premise": "a", "hypo": "b"}]))
+    with pytest.raises(DataError, match=re.escape("hub:org/set: missing column(s) ['sent0', 'sent1', 'hard_neg']; "
+                                                  "the file has ['premise', 'hypo']")):
+        load_triplets(cfg(source="hub", path="org/set", hub_file="train.csv"))
 
 
 # ----------------------------------------------------------------------------------------------

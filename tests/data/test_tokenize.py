@@ -202,3 +202,18 @@ def test_tokenizer_fingerprint_sees_the_chat_template(tok):
 
     assert tokenizer_fingerprint(OtherTemplate(tok)) != tokenizer_fingerprint(tok)
     assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(tok)
+
+
+def test_no_triplets_give_no_examples(tok, dcfg):
+    # Dataset.from_list([]) has no columns; this used to fail inside datasets ("Column 'status' doesn't exist")
+    examples, report = tokenize_triplets([], tok, dcfg)
+    assert examples == [] and (report.kept, report.truncated, report.dropped_overlong) == (0, 0, 0)
+
+
+def test_special_token_text_in_a_response_stays_text(tok, dcfg):
+    """A sentence that contains "<|im_end|>" must not end the response early with the real EOS."""
+    text = f"it ends here {tok.eos_token} or not"
+    examples, _ = tokenize_triplets([{"anchor": "a cat sat", "chosen": text, "rejected": ["no"]}], tok, dcfg)
+    chosen = examples[0].responses[0]
+    assert chosen[-1] == tok.eos_token_id and tok.eos_token_id not in chosen[:-1]
+    assert tok.decode(chosen[:-1]) == text
