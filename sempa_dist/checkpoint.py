@@ -97,6 +97,7 @@ def find_resume(resume: str, output_dir: str | Path) -> Path | None:
 
 def load(engine, tag_dir: Path, universal: bool = False) -> dict[str, Any]:
     """Collective: restore engine (weights, optimizer, scheduler) and return our trainer state.
+    Every file is loaded weights-only (sempa_dist.safe_load): a tampered one raises UnsafeCheckpointError.
 
     `universal`: load `tag_dir`'s universal conversion (see `prepare_universal`); the engine must
     have been built with ``checkpoint.load_universal`` in its DeepSpeed config."""
@@ -107,8 +108,12 @@ def load(engine, tag_dir: Path, universal: bool = False) -> dict[str, Any]:
         load_dir, tag = tag_dir, UNIVERSAL  # DeepSpeed reads <load_dir>/<tag>/zero/<param>/*.pt
     else:
         load_dir, tag = tag_dir.parent, tag_dir.name
-    _, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    from sempa_dist.safe_load import weights_only_loads
+
+    # DeepSpeed unpickles with weights_only=False: a tampered shard must not run code on resume
+    with weights_only_loads(tag_dir):
+        _, client = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
     if client is None or "sempa" not in client:
         raise RuntimeError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     return client["sempa"]
@@ -149,7 +154,8 @@ def convert_to_universal(tag_dir: Path) -> Path:
         shutil.rmtree(debris, ignore_errors=True)
     tmp = tag_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
     cpus = os.cpu_count() or 1
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+    # through safe_load: the converter unpickles every shard, and must do so weights-only
+    cmd = [sys.executable, "-m", "sempa_dist.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
            "--output_folder", str(tmp), "--num_extract_workers", str(min(4, cpus)),
            "--num_merge_workers", str(min(2, cpus))]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -190,10 +196,14 @@ def prepare_universal(tag_dir: Path, dist: DistInfo) -> Path:
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights of the policy reassembled from the ZeRO-3 shards (no process group needed)."""
+    """fp32 weights of the policy reassembled from the ZeRO-3 shards (no process group needed), every
+    file loaded weights-only (sempa_dist.safe_load): a tampered one raises UnsafeCheckpointError."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    from sempa_dist.safe_load import weights_only_loads
+
+    with weights_only_loads(tag_dir):  # zero_to_fp32 unpickles with weights_only=False
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # keys are those of SequenceScorer: strip its `model.` prefix
     return {k.removeprefix("model."): v for k, v in sd.items()}
 

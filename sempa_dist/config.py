@@ -24,6 +24,9 @@ DEFAULT_TEMPLATE = 'Keep the same meaning of this sentence: "{sentence}", while 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
 
 
+PYTHON_TAG = "tag:yaml.org,2002:python/"  # PyYAML's !!python/... tags (object/apply, name, module ...)
+
+
 class ConfigError(ValueError):
     """A configuration problem, raised before any work starts. The message names the key."""
 
@@ -49,9 +52,9 @@ class LoraConfig:
 class ModelConfig:
     name: str = _f("tiny-llama", "Registered name (tiny-llama, tiny-qwen2, smollm2-135m-instruct), a local HF directory or a hub id.")
     dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "Training precision; auto = bf16 on GPUs that support it, else fp32.")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = _f(
-        "auto", "Attention kernel; auto = flash_attention_2 when flash-attn and a GPU are present, else sdpa with a block mask."
-    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = _f(
+        "auto", "Attention kernel; auto = flash_attention_2 when flash-attn and a GPU are present, else sdpa_varlen "
+        "(SDPA per segment); sdpa/eager: one masked [row, row] attention.")
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in backward (saves memory).")
     lora: LoraConfig = _f(LoraConfig, "LoRA settings.")
 
@@ -216,7 +219,7 @@ class Config:
         if p.prefix_sharing == "on" and self.model.attn_implementation == "flash_attention_2":
             raise ConfigError("packing.prefix_sharing: 'on' cannot run under model.attn_implementation=flash_attention_2 "
                               "(varlen kernels cannot mask sibling responses); use auto or off")
-        if p.layout == "packed" and d.max_length * (1 + d.num_rejected) > p.max_tokens:
+        if d.max_length * (1 + d.num_rejected) > p.max_tokens:  # the step planner budgets both layouts alike
             raise ConfigError(
                 f"packing.max_tokens: {p.max_tokens} cannot hold one example (1 + data.num_rejected={d.num_rejected} "
                 f"sequences of up to data.max_length={d.max_length} tokens); raise it or lower data.max_length"
@@ -291,7 +294,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r}: expected key.sub=value")
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if PYTHON_TAG in str(e):  # a request to run code: refused, as in a file, never kept as text
+                raise ConfigError(f"command line ({item}): python tags are not allowed, configs are data: "
+                                  f"{getattr(e, 'problem', e)}") from None
             parsed = value
         if _is_str_field(key.strip()) and parsed is not None and not isinstance(parsed, str):
             parsed = value  # text fields take the text as typed: `data.template=Say: "{sentence}"` is no YAML mapping

@@ -387,8 +387,9 @@ def test_packing_max_tokens_must_hold_one_example():
     msg = str(ei.value)
     assert msg.startswith("packing.max_tokens: 2048 cannot hold one example")
     assert "data.num_rejected=3" in msg and "data.max_length=513" in msg
-    # the padded layout has no packed row to fill
-    validated("data.max_length=513", "data.num_rejected=3", "packing.max_tokens=2048", "packing.layout=padded")
+    # the step planner gives a padded micro-batch the same token budget
+    with pytest.raises(ConfigError, match="cannot hold one example"):
+        validated("data.max_length=513", "data.num_rejected=3", "packing.max_tokens=2048", "packing.layout=padded")
 
 
 def test_global_batch_must_divide_by_world_size():
