@@ -10,15 +10,28 @@
 - Prefix sharing (one segment = prompt + all its responses): the 4-D mask also hides sibling
   responses from each other (a key is visible when it is a prompt token or in the query's own
   response). flash-attn varlen cannot express that, so sharing is off under flash_attention_2.
+- ``sdpa_varlen`` (the default without flash-attn): the torch-native counterpart of the varlen
+  kernel. A [row, row] mask makes SDPA score every query against every key of the row, most of
+  them masked: O(row^2) for rows of many short segments. Here each segment is gathered into its
+  own padded slot, [segments, longest, heads, dim], attended with a per-segment mask (causal, and
+  with prefix sharing the sibling rule), and scattered back: O(sum of segment^2). Outside a packed
+  forward (STS encoding, generation: no `segments` argument) it is plain sdpa.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from sempa_dist.packing import PackedBatch
+
+SDPA_VARLEN = "sdpa_varlen"
 
 
 def flash_attn_available() -> bool:
@@ -26,9 +39,9 @@ def flash_attn_available() -> bool:
 
 
 def resolve_attn_implementation(requested: str) -> str:
-    """'auto' -> flash_attention_2 when usable, else sdpa. An explicit flash request must be usable."""
+    """'auto' -> flash_attention_2 when usable, else sdpa_varlen. An explicit flash request must be usable."""
     if requested == "auto":
-        return "flash_attention_2" if flash_attn_available() else "sdpa"
+        return "flash_attention_2" if flash_attn_available() else SDPA_VARLEN
     if requested == "flash_attention_2" and not flash_attn_available():
         raise RuntimeError(
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
@@ -72,9 +85,67 @@ def attention_inputs(batch: PackedBatch, impl: str, dtype: torch.dtype = torch.f
         kw.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return kw
     branch = batch.branch if batch.prefix_sharing else None
+    if impl == SDPA_VARLEN:
+        kw["segments"] = Segments.of(batch)
+        return kw
     mask = block_causal_mask(batch.seq_lens, length, branch).to(batch.input_ids.device)
     if impl == "eager":
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         mask = additive.masked_fill(~mask, torch.finfo(dtype).min)
     kw["attention_mask"] = mask
     return kw
+
+
+@dataclass
+class Segments:
+    """Where each segment of a batch lies in its flattened rows, and what it may attend to."""
+
+    index: torch.Tensor  # long [segments, longest]: flat token position (row * length + col); 0 in padding
+    valid: torch.Tensor  # bool [segments, longest]
+    mask: torch.Tensor  # bool [segments, 1, longest, longest]: causal, real keys, the sibling rule
+
+    @classmethod
+    def of(cls, batch: PackedBatch) -> Segments:
+        length = batch.input_ids.shape[1]
+        starts, lens = [], []
+        for r, row in enumerate(batch.seq_lens):
+            offset = r * length
+            for n in row:
+                starts.append(offset)
+                lens.append(n)
+                offset += n
+        device = batch.input_ids.device
+        longest = max(lens)
+        cols = torch.arange(longest, device=device)
+        lens_t = torch.tensor(lens, device=device)
+        valid = cols[None, :] < lens_t[:, None]
+        index = torch.where(valid, torch.tensor(starts, device=device)[:, None] + cols[None, :], 0)
+        mask = valid[:, None, :] & torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+        if batch.prefix_sharing:
+            branch = batch.branch.reshape(-1)[index]
+            mask &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+        mask |= torch.eye(longest, dtype=torch.bool, device=device)  # padding queries: a finite softmax
+        return cls(index, valid, mask[:, None])
+
+
+def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, segments: Segments | None = None, **kwargs):
+    """transformers attention function ([rows, heads, length, dim] in, [rows, length, heads, dim] out)."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    rows, heads, length, dim = query.shape
+
+    def gather(t: torch.Tensor) -> torch.Tensor:  # [rows, h, length, d] -> [segments, h, longest, d]
+        flat = t.transpose(1, 2).reshape(rows * length, t.shape[1], t.shape[3])
+        return flat[segments.index].transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(gather(query), gather(key), gather(value), attn_mask=segments.mask,
+                                         dropout_p=dropout if module.training else 0.0, scale=scaling,
+                                         enable_gqa=key.shape[1] != heads)
+    out = out.transpose(1, 2)[segments.valid]  # [real tokens, heads, dim]
+    flat = out.new_zeros(rows * length, heads, dim).index_put((segments.index[segments.valid],), out)
+    return flat.view(rows, length, heads, dim), None
+
+
+AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
+AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)  # the masks sdpa gets when no segments are given

@@ -22,7 +22,7 @@ def per_token_logprobs(scorer: SequenceScorer, batch) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa_varlen", "sdpa", "eager"])
 def test_packed_equals_separate_and_padded(arch, impl):
     model = tiny_model(arch, impl)
     scorer = SequenceScorer(model, impl, chunk_tokens=16)
@@ -75,15 +75,15 @@ def test_flash_varlen_inputs_define_the_same_attention_as_the_cpu_mask():
     torch.testing.assert_close(via_mask, varlen_reference_attention(q, k, v, kw["cu_seq_lens_q"]), atol=1e-6, rtol=0)
 
 
-def test_auto_attention_is_sdpa_without_flash_and_explicit_flash_fails_clearly():
-    assert resolve_attn_implementation("auto") == "sdpa"
+def test_auto_attention_is_sdpa_varlen_without_flash_and_explicit_flash_fails_clearly():
+    assert resolve_attn_implementation("auto") == "sdpa_varlen"
     with pytest.raises(RuntimeError, match="flash-attn"):
         resolve_attn_implementation("flash_attention_2")
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa_varlen", "sdpa", "eager"])
 def test_prefix_sharing_equals_separate_sequences_values_and_gradients(arch, k, impl):
     """Prompt encoded once for its 1 + K responses == each prompt + response run alone (fp32), for
     per-response log-probs, their gradients, and the preference loss built on them."""
@@ -129,3 +129,27 @@ def test_prefix_sharing_mask_hides_siblings():
             assert bool(mask[q, kk]) == bool(expected), (q, kk)
     with pytest.raises(ValueError, match="flash-attn varlen cannot"):
         attention_inputs(b, "flash_attention_2")
+
+
+@pytest.mark.parametrize("sharing", [False, True])
+def test_sdpa_varlen_attends_per_segment_without_a_row_by_row_mask(sharing):
+    """The point of sdpa_varlen: attention costs sum(segment^2), not row^2; and outside a packed
+    forward (no segments: STS encoding with a padding mask) it is exactly sdpa."""
+    exs = random_examples(6, k=2, seed=5, prompt_range=(2, 20), response_range=(1, 8))
+    batch = build_batch(exs, "packed", prefix_sharing=sharing)
+    kw = attention_inputs(batch, "sdpa_varlen")
+    assert "attention_mask" not in kw
+    seg = kw["segments"]
+    n_segments = sum(len(r) for r in batch.seq_lens)
+    longest = max(max(r) for r in batch.seq_lens)
+    assert seg.mask.shape == (n_segments, 1, longest, longest)
+    assert seg.valid.sum().item() == batch.real_tokens
+    assert seg.mask.numel() < batch.input_ids.numel() ** 2 / 3  # vs the [row, row] mask of sdpa
+
+    ids = torch.randint(1, 90, (3, 11))
+    pad = torch.ones_like(ids)
+    pad[1, 7:] = 0
+    with torch.no_grad():
+        a = tiny_model("llama", "sdpa_varlen").model(input_ids=ids, attention_mask=pad).last_hidden_state
+        b = tiny_model("llama", "sdpa").model(input_ids=ids, attention_mask=pad).last_hidden_state
+    torch.testing.assert_close(a[pad.bool()], b[pad.bool()], atol=1e-6, rtol=0)
