@@ -21,13 +21,18 @@ from pathlib import Path
 
 from cell import REPO, failed, median_step_time, run_cell
 
-CELLS = [("padded", "packing.layout=padded", "packing.prefix_sharing=off"),
-         ("packed", "packing.layout=packed", "packing.prefix_sharing=off"),
-         ("packed + prefix sharing", "packing.layout=packed", "packing.prefix_sharing=on")]
+# packed rows under both CPU attention paths: one [row, row]-masked SDPA, or SDPA per segment (sdpa_varlen)
+CELLS = [("padded", "packing.layout=padded", "packing.prefix_sharing=off", "model.attn_implementation=sdpa"),
+         ("packed, row mask", "packing.layout=packed", "packing.prefix_sharing=off", "model.attn_implementation=sdpa"),
+         ("packed, varlen", "packing.layout=packed", "packing.prefix_sharing=off", "model.attn_implementation=sdpa_varlen"),
+         ("packed + prefix sharing, row mask", "packing.layout=packed", "packing.prefix_sharing=on",
+          "model.attn_implementation=sdpa"),
+         ("packed + prefix sharing, varlen", "packing.layout=packed", "packing.prefix_sharing=on",
+          "model.attn_implementation=sdpa_varlen")]
 
 
 def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Path) -> dict:
-    rows = run_cell("configs/smollm2_demo.yaml", work / f"{name.replace(' ', '_')}-k{k}",
+    rows = run_cell("configs/smollm2_demo.yaml", work / f"{name.replace(' ', '_').replace(',', '')}-k{k}",
                     [f"model.name={a.model}", f"data.num_rejected={k}", f"train.max_steps={a.steps}",
                      f"train.global_batch_size={a.batch}", f"packing.max_tokens={a.max_tokens}", f"train.nproc={a.nproc}",
                      "eval.every=0", f"data.max_examples={a.batch * a.steps}", *overrides])
