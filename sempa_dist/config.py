@@ -96,7 +96,7 @@ class LossConfig:
     type: Literal["dpo", "ipo", "plackett_luce"] = _f("dpo", "dpo (sigmoid), ipo, or plackett_luce (1 chosen vs K rejected).")
     beta: float = _f(0.1, "Temperature of the implicit reward beta * (log pi - log pi_ref).")
     label_smoothing: float = _f(0.0, "Conservative-DPO label smoothing in [0, 0.5) (dpo only).")
-    logprob_chunk_tokens: int = _f(1024, "Response positions per LM-head chunk: bounds the logits tensor to chunk x vocab.")
+    logprob_chunk_tokens: int = _f(512, "Response positions per LM-head chunk: bounds the logits tensor to chunk x vocab.")
 
 
 @dataclass

@@ -29,12 +29,23 @@ def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) ->
 def _frozen_head_chunk(head: nn.Module, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """One chunk through a frozen head, with d logp / d hidden taken right away (one backward
     matmul, as full logits would need) so nothing of [chunk, vocab] survives the chunk. The result
-    carries that gradient by linearisation: lp + <h - sg(h), g> has value lp and gradient g."""
+    carries that gradient by linearisation: lp + <h - sg(h), g> has value lp and gradient g.
+
+    d lp_i / d logits_i = onehot(ids_i) - softmax(logits_i), built in place in the logits buffer:
+    one [chunk, vocab] allocation per chunk instead of autograd's several."""
     with torch.enable_grad():
         leaf = h.detach().requires_grad_(True)
-        lp = _chunk_logprobs(head, leaf, ids)
-        (g,) = torch.autograd.grad(lp.sum(), leaf)  # row i depends on hidden i only: this is d lp_i / d h_i
-    return lp.detach() + ((h - h.detach()) * g).sum(-1).float()
+        logits = head(leaf)  # the module call: ZeRO-3 gathers the weight here and in its backward
+        with torch.no_grad():
+            # fp32: the logits' own storage (the linear layer saved its input and weight, not its output)
+            buf = logits.detach().float()
+            rows = torch.arange(buf.shape[0], device=buf.device)
+            lse = torch.logsumexp(buf, dim=-1, keepdim=True)
+            lp = buf[rows, ids] - lse.squeeze(-1)
+            dlogits = buf.sub_(lse).exp_().neg_()  # -softmax, in place
+            dlogits[rows, ids] += 1
+        (g,) = torch.autograd.grad(logits, leaf, grad_outputs=dlogits.to(logits.dtype))
+    return lp + ((h - h.detach()) * g).sum(-1).float()
 
 
 def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Module, chunk_tokens: int) -> torch.Tensor:
