@@ -32,7 +32,7 @@ from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
-from sempa_dist.watchdog import Heartbeat, describe_silent, is_collective_failure, silent_ranks
+from sempa_dist.watchdog import Heartbeat, describe_silent, may_be_a_peer, silent_ranks
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
 # slots after the metric sums in the per-step all-reduce
@@ -147,19 +147,20 @@ def train(cfg: Config) -> dict[str, Any]:
         try:
             return run_training(cfg, dist, tracker)
         except Exception as e:
-            if dist.world_size > 1 and is_collective_failure(e):
-                report_collective_failure(e, cfg, dist)
+            if dist.world_size > 1 and not isinstance(e, NonFiniteError) and may_be_a_peer(e):
+                report_failure(e, cfg, dist)
             raise
 
 
-def report_collective_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
-    """A collective failed because a peer died or froze: name it (heartbeats) and where to resume."""
+def report_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
+    """This rank failed, perhaps because a peer died or froze (a collective error or timeout): name
+    the ranks whose heartbeat stopped, and where to resume."""
     out_dir = Path(cfg.train.output_dir)
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
     last_good = checkpoint.find_resume("auto", out_dir)
     resume = (f"the last complete checkpoint is {last_good}: train.resume=auto continues from it" if last_good
               else "no checkpoint was completed")
-    print(f"rank {dist.rank}: a collective failed ({first}); {describe_silent(silent_ranks(out_dir, dist.world_size))}; "
+    print(f"rank {dist.rank} failed ({type(e).__name__}: {first}); {describe_silent(silent_ranks(out_dir, dist.world_size))}; "
           f"{resume}", file=sys.stderr, flush=True)
 
 

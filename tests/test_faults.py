@@ -127,7 +127,7 @@ def test_dead_rank_without_an_agent_is_named_by_the_survivor(tmp_path):
                 p.kill()
     text = logs[0].read_text(errors="replace")
     assert rc != 0 and waited < 30, (rc, waited, text[-3000:])
-    assert "rank 0: a collective failed" in text, text[-3000:]
+    assert "rank 0 failed (" in text, text[-3000:]
     assert "not responding (no heartbeat for 3 s): rank 1 (last heartbeat at step" in text, text[-3000:]
     assert "rank 0 (" not in text.split("not responding")[1].splitlines()[0]  # the live rank is not blamed
 
@@ -145,8 +145,10 @@ def test_frozen_rank_fails_the_job_at_the_collective_timeout_naming_it(tmp_path)
     # the collective timeout, the heartbeat window (3 s), then sempa-train's grace (10 s) before it
     # SIGKILLs the frozen rank
     assert timeout_s - 2 < waited < timeout_s + 3 + 10 + 12, f"{waited:.0f}s"
-    assert "Timed out" in text and "rank 0: a collective failed" in text, text[-3000:]
-    line = next(ln for ln in text.splitlines() if "rank 0: a collective failed" in ln)
+    # gloo words it "Timed out waiting ... for recv" or "Application timeout caused pair closure"
+    line = next((ln for ln in text.splitlines() if "rank 0 failed (RuntimeError: " in ln), None)
+    assert line is not None, text[-3000:]
+    assert "timeout" in line.lower() or "timed out" in line.lower(), line
     assert "not responding (no heartbeat for 3 s): rank 1 (last heartbeat at step" in line, line
     assert "rank 0 (" not in line.split("not responding")[1]
 
