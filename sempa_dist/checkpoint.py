@@ -95,6 +95,12 @@ def find_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
+def resume_hint(output_dir: str | Path) -> str:
+    """Where a failed or stopped run of `output_dir` would continue from: for its error messages."""
+    last = find_resume("auto", output_dir)
+    return f"last complete checkpoint: {last} (train.resume=auto continues from it)" if last else "no checkpoint was completed"
+
+
 def load(engine, tag_dir: Path, universal: bool = False) -> dict[str, Any]:
     """Collective: restore engine (weights, optimizer, scheduler) and return our trainer state.
     Every file is loaded weights-only (sempa_dist.safe_load): a tampered one raises UnsafeCheckpointError.

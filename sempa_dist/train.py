@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from sempa_dist import checkpoint, tracking
-from sempa_dist.config import Config, load_config
+from sempa_dist.config import Config, ConfigError, load_config
 from sempa_dist.data import DataError, load_triplets, tokenize_triplets
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
 from sempa_dist.engines import build_policy, build_reference, prefix_sharing
@@ -32,7 +32,7 @@ from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
-from sempa_dist.watchdog import Heartbeat, describe_silent, may_be_a_peer, silent_ranks
+from sempa_dist.watchdog import Heartbeat, describe_silent, silent_ranks
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
 # slots after the metric sums in the per-step all-reduce
@@ -82,9 +82,7 @@ class NonFiniteSteps:
     def reason(self, out_dir: Path) -> str:
         why = ("train.on_nonfinite=stop" if self.policy == "stop"
                else f"{self.streak} non-finite steps in a row (train.max_consecutive_skips)")
-        last_good = checkpoint.find_resume("auto", out_dir)
-        where = f"last good checkpoint: {last_good}" if last_good else "no checkpoint was saved before it"
-        return f"{self.last}; stopping ({why}); {where}"
+        return f"{self.last}; stopping ({why}); {checkpoint.resume_hint(out_dir)}"
 
 
 @functools.lru_cache(maxsize=2)  # called every step; the permutation changes only once per epoch
@@ -147,7 +145,9 @@ def train(cfg: Config) -> dict[str, Any]:
         try:
             return run_training(cfg, dist, tracker)
         except Exception as e:
-            if dist.world_size > 1 and not isinstance(e, NonFiniteError) and may_be_a_peer(e):
+            # bad data or config and our own stop are this rank's doing; any other error may be a dead or
+            # frozen peer (gloo and NCCL word a peer's failure many ways): read the heartbeats
+            if dist.world_size > 1 and not isinstance(e, ConfigError | DataError | NonFiniteError):
                 report_failure(e, cfg, dist)
             raise
 
@@ -157,11 +157,8 @@ def report_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
     the ranks whose heartbeat stopped, and where to resume."""
     out_dir = Path(cfg.train.output_dir)
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    last_good = checkpoint.find_resume("auto", out_dir)
-    resume = (f"the last complete checkpoint is {last_good}: train.resume=auto continues from it" if last_good
-              else "no checkpoint was completed")
     print(f"rank {dist.rank} failed ({type(e).__name__}: {first}); {describe_silent(silent_ranks(out_dir, dist.world_size))}; "
-          f"{resume}", file=sys.stderr, flush=True)
+          f"{checkpoint.resume_hint(out_dir)}", file=sys.stderr, flush=True)
 
 
 def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INTERVAL_S = 2.0
+WINDOW_S = INTERVAL_S * 1.5  # a rank whose file did not change in this long is silent
 
 
 def heartbeat_dir(output_dir: str | Path) -> Path:
@@ -68,18 +69,7 @@ def _read(path: Path) -> tuple[float, int] | None:
         return (-1.0, -1)  # caught mid-write: it is beating
 
 
-def may_be_a_peer(e: BaseException) -> bool:
-    """Whether a failure could come from another rank dying or freezing: any error but bad data or
-    config (the caller also leaves out its own deliberate stops). gloo and NCCL word their errors many ways ("Timed out waiting",
-    "Connection closed by peer", "Application timeout caused pair closure", NCCL watchdog texts), so
-    the heartbeats are read for every other error; they also say when every rank is still beating."""
-    from sempa_dist.config import ConfigError
-    from sempa_dist.data import DataError
-
-    return not isinstance(e, ConfigError | DataError)
-
-
-def silent_ranks(output_dir: str | Path, world_size: int, window_s: float = INTERVAL_S * 1.5) -> list[Silent]:
+def silent_ranks(output_dir: str | Path, world_size: int, window_s: float = WINDOW_S) -> list[Silent]:
     """Ranks whose heartbeat file did not change during a `window_s` wait (or does not exist).
     Watching for a change, not comparing clocks, keeps it right when nodes' clocks disagree."""
     paths = [heartbeat_dir(output_dir) / f"rank-{r}" for r in range(world_size)]
@@ -93,7 +83,7 @@ def silent_ranks(output_dir: str | Path, world_size: int, window_s: float = INTE
     return silent
 
 
-def describe_silent(silent: list[Silent], window_s: float = INTERVAL_S * 1.5) -> str:
+def describe_silent(silent: list[Silent], window_s: float = WINDOW_S) -> str:
     """One line for the failure message."""
     if not silent:
         return "every rank's heartbeat is still beating (no rank died or froze)"

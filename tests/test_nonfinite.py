@@ -80,7 +80,7 @@ def test_stop_keeps_the_last_good_checkpoint(corrupted_cache, tmp_path):
     assert proc.returncode == 1, text[-3000:]
     good = out / "checkpoints" / f"step-{BAD_STEP - 1:06d}"
     assert (f"sempa-train: step {BAD_STEP}: loss nan" in text and "train.on_nonfinite=stop" in text
-            and f"last good checkpoint: {good}" in text), text[-3000:]
+            and f"last complete checkpoint: {good} (train.resume=auto" in text), text[-3000:]
     assert text.count("sempa-train: step") == 1  # one line, not one traceback per rank
     assert [r["step"] for r in metrics(out)] == [1, 2, 3]  # the failing step is logged
     assert (out / "checkpoints" / "latest").read_text().strip() == good.name
@@ -109,7 +109,7 @@ def test_skip_stops_after_too_many_in_a_row(corrupted_cache, tmp_path):
     text = proc.stdout + proc.stderr
     assert proc.returncode == 1, text[-3000:]
     assert "2 non-finite steps in a row (train.max_consecutive_skips)" in text, text[-3000:]
-    assert "no checkpoint was saved before it" in text
+    assert "no checkpoint was completed" in text
     rows = metrics(out)
     assert [r["skipped_steps"] for r in rows] == [1, 2]
     # an inf loss with finite gradients is still dropped (the loop turns its gradients into NaN)

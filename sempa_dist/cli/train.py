@@ -58,11 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0 and marker.is_file():
         return PREEMPTED_EXIT_CODE
     if rc != 0:
-        from sempa_dist.checkpoint import find_resume
+        from sempa_dist.checkpoint import resume_hint
 
-        last_good = find_resume("auto", cfg.train.output_dir)
-        where = f"last complete checkpoint: {last_good} (train.resume=auto continues from it)" if last_good else "no checkpoint was completed"
-        print(f"sempa-train: training failed ({failure or f'exit {rc}'}); {where}", file=sys.stderr, flush=True)
+        print(f"sempa-train: training failed ({failure or f'exit {rc}'}); {resume_hint(cfg.train.output_dir)}",
+              file=sys.stderr, flush=True)
     return rc
 
 
