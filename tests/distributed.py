@@ -7,7 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,3 +48,40 @@ def sempa_train(*args: str, timeout: int = 300, env: dict | None = None, check: 
 
 def metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_sempa_train(log: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """sempa-train running in a session of its own (a test can signal its whole group), output to `log`."""
+    with open(log, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "sempa_dist.cli.train", *args], cwd=REPO,
+                                env=child_env(**(env or {})), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def ranks_of(launcher: subprocess.Popen, n: int = 2, timeout: float = 60) -> list[psutil.Process]:
+    """[rank 0, rank 1, ...] among sempa-train's descendants, by their RANK."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "sempa_dist.train" in " ".join(p.cmdline())]
+        if len(ranks) == n:
+            return sorted(ranks, key=lambda p: int(p.environ()["RANK"]))
+        assert time.monotonic() < deadline and launcher.poll() is None, "ranks did not start"
+        time.sleep(0.2)
+
+
+def wait_for_steps(out: Path, n: int, launcher: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Until `out`'s metrics.jsonl has `n` rows; fails if training ends or stalls first."""
+    deadline = time.monotonic() + timeout
+    while not ((out / "metrics.jsonl").is_file() and len(metrics(out)) >= n):
+        assert launcher.poll() is None, f"training ended before step {n}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no step {n} after {timeout}s"
+        time.sleep(0.1)
+
+
+def assert_same_run(rows: list[dict], reference: list[dict]) -> None:
+    """An interrupted-and-resumed run logged every step exactly once, with the uninterrupted run's losses."""
+    assert [r["step"] for r in rows] == [r["step"] for r in reference]  # nothing lost, nothing logged twice
+    for r, ref in zip(rows, reference, strict=True):
+        assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6), r["step"]
+        assert r["rewards/margin"] == pytest.approx(ref["rewards/margin"], abs=1e-6), r["step"]
