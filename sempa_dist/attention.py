@@ -50,6 +50,12 @@ def resolve_attn_implementation(requested: str) -> str:
     return requested
 
 
+def sibling_rule(branch: torch.Tensor) -> torch.Tensor:
+    """Bool [..., L, L] from branch ids [..., L]: key j is visible to query i when j is a prompt token (0)
+    or in i's own response. The one definition of prefix sharing's mask, for both CPU paths."""
+    return (branch[..., None, :] == 0) | (branch[..., None, :] == branch[..., :, None])
+
+
 def block_causal_mask(seq_lens: list[list[int]], length: int, branch: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [rows, 1, length, length]: True where query i may attend key j: same segment, j <= i,
     and (with `branch` [rows, length]) key j is a prompt token (0) or in query i's own branch."""
@@ -61,7 +67,7 @@ def block_causal_mask(seq_lens: list[list[int]], length: int, branch: torch.Tens
     causal = torch.ones(length, length, dtype=torch.bool, device=doc.device).tril()
     mask = same & causal
     if branch is not None:
-        mask &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+        mask &= sibling_rule(branch)
     # rows' padding tail (only when rows differ in length) attends to itself, keeping softmax finite
     mask |= torch.eye(length, dtype=torch.bool, device=mask.device)
     return mask[:, None]
@@ -122,8 +128,7 @@ class Segments:
         index = torch.where(valid, torch.tensor(starts, device=device)[:, None] + cols[None, :], 0)
         mask = valid[:, None, :] & torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
         if batch.prefix_sharing:
-            branch = batch.branch.reshape(-1)[index]
-            mask &= (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+            mask &= sibling_rule(batch.branch.reshape(-1)[index])
         mask |= torch.eye(longest, dtype=torch.bool, device=device)  # padding queries: a finite softmax
         return cls(index, valid, mask[:, None])
 
