@@ -16,11 +16,18 @@
   own padded slot, [segments, longest, heads, dim], attended with a per-segment mask (causal, and
   with prefix sharing the sibling rule), and scattered back: O(sum of segment^2). Outside a packed
   forward (STS encoding, generation: no `segments` argument) it is plain sdpa.
+- ``flex_varlen``: flex attention with a BlockMask built once per batch from the same rule (same
+  segment, causal, sibling rule): fully masked 128x128 tiles are skipped, so sharing costs no more
+  than its real attention. Compiled on a GPU. torch 2.13 has no flex-attention backward on CPU, so
+  there it only serves passes without gradients (tests check its values against separate runs);
+  training on CPU is refused up front. Outside a packed forward it is plain sdpa.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,14 +39,34 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from sempa_dist.packing import PackedBatch
 
 SDPA_VARLEN = "sdpa_varlen"
+FLEX_VARLEN = "flex_varlen"
 
 
 def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.cache
+def flex_backward_supported(device_type: str) -> bool:
+    """Whether this torch can train through flex attention on `device_type` (probed once: torch 2.13
+    raises NotImplementedError for a CPU backward)."""
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError:
+        return False
+    if device_type == "cuda" and not torch.cuda.is_available():
+        return False
+    q = torch.zeros(1, 1, 16, 16, device=device_type, requires_grad=True)
+    try:
+        flex_attention(q, q, q).sum().backward()
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 def resolve_attn_implementation(requested: str) -> str:
-    """'auto' -> flash_attention_2 when usable, else sdpa_varlen. An explicit flash request must be usable."""
+    """'auto' -> flash_attention_2 when usable, else sdpa_varlen (on a GPU, kernel_choice may measure
+    instead). An explicit flash or flex request must be usable for training on this machine."""
     if requested == "auto":
         return "flash_attention_2" if flash_attn_available() else SDPA_VARLEN
     if requested == "flash_attention_2" and not flash_attn_available():
@@ -47,21 +74,38 @@ def resolve_attn_implementation(requested: str) -> str:
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
             "(pip install 'sempa-dist[gpu]'); use auto or sdpa on this machine"
         )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == FLEX_VARLEN and not flex_backward_supported(device):
+        raise RuntimeError(
+            f"model.attn_implementation=flex_varlen: torch {torch.__version__} cannot train through flex attention "
+            f"on {device} (no backward there); use auto or sdpa_varlen on this machine"
+        )
     return requested
 
 
+def sibling_visible(query_branch: torch.Tensor, key_branch: torch.Tensor) -> torch.Tensor:
+    """Prefix sharing's rule: a key is visible to a query when it is a prompt token (branch 0) or in
+    the query's own response. The one definition, for the row mask, sdpa_varlen and flex."""
+    return (key_branch == 0) | (key_branch == query_branch)
+
+
 def sibling_rule(branch: torch.Tensor) -> torch.Tensor:
-    """Bool [..., L, L] from branch ids [..., L]: key j is visible to query i when j is a prompt token (0)
-    or in i's own response. The one definition of prefix sharing's mask, for both CPU paths."""
-    return (branch[..., None, :] == 0) | (branch[..., None, :] == branch[..., :, None])
+    """Bool [..., L, L] from branch ids [..., L]: sibling_visible for every (query i, key j)."""
+    return sibling_visible(branch[..., :, None], branch[..., None, :])
+
+
+def segment_ids(seq_lens: list[list[int]], length: int) -> torch.Tensor:
+    """Long [rows, length]: the index of each token's segment within its row; -1 in the padding tail."""
+    doc = torch.full((len(seq_lens), length), -1, dtype=torch.long)
+    for r, lens in enumerate(seq_lens):
+        doc[r, : sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    return doc
 
 
 def block_causal_mask(seq_lens: list[list[int]], length: int, branch: torch.Tensor | None = None) -> torch.Tensor:
     """Bool [rows, 1, length, length]: True where query i may attend key j: same segment, j <= i,
     and (with `branch` [rows, length]) key j is a prompt token (0) or in query i's own branch."""
-    doc = torch.full((len(seq_lens), length), -1, dtype=torch.long)
-    for r, lens in enumerate(seq_lens):
-        doc[r, : sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    doc = segment_ids(seq_lens, length)
     doc = doc.to(branch.device) if branch is not None else doc
     same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
     causal = torch.ones(length, length, dtype=torch.bool, device=doc.device).tril()
@@ -93,6 +137,9 @@ def attention_inputs(batch: PackedBatch, impl: str, dtype: torch.dtype = torch.f
     branch = batch.branch if batch.prefix_sharing else None
     if impl == SDPA_VARLEN:
         kw["segments"] = Segments.of(batch)
+        return kw
+    if impl == FLEX_VARLEN:
+        kw["block_mask"] = row_block_mask(batch)
         return kw
     mask = block_causal_mask(batch.seq_lens, length, branch).to(batch.input_ids.device)
     if impl == "eager":
@@ -152,5 +199,50 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     return flat.view(rows, length, heads, dim), None
 
 
+
+
+def row_block_mask(batch: PackedBatch):
+    """flex attention's BlockMask for `batch`: same segment, causal, and with prefix sharing the sibling
+    rule; the padding tail attends to itself only (a finite softmax, as in the other paths)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rows, length = batch.input_ids.shape
+    device = batch.input_ids.device
+    doc = segment_ids(batch.seq_lens, length).to(device)
+    branch = batch.branch.to(device) if batch.prefix_sharing else torch.zeros_like(doc)
+
+    def mask_mod(b, h, q, kv):
+        keep = (doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0) & (kv <= q) & sibling_visible(branch[b, q], branch[b, kv])
+        return keep | (q == kv)
+
+    return create_block_mask(mask_mod, B=rows, H=None, Q_LEN=length, KV_LEN=length, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling: float | None = None, block_mask=None, **kwargs):
+    """transformers attention function over a batch's BlockMask (see row_block_mask); plain sdpa without one."""
+    if block_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout and module.training:
+        raise ValueError("flex_varlen has no attention dropout; set the model's attention_dropout to 0")
+    if query.is_cuda:
+        flex = _compiled_flex()  # eager flex materialises every score: compiled is the point on a GPU
+    else:  # no-grad passes only (see resolve_attn_implementation); unfused on CPU, as its warning says
+        from torch.nn.attention.flex_attention import flex_attention as flex
+
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+    out = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
-AttentionMaskInterface.register(SDPA_VARLEN, sdpa_mask)  # the masks sdpa gets when no segments are given
+AttentionInterface.register(FLEX_VARLEN, flex_varlen_attention)
+for _name in (SDPA_VARLEN, FLEX_VARLEN):  # the masks sdpa gets when no segments / block mask are given
+    AttentionMaskInterface.register(_name, sdpa_mask)

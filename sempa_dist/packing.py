@@ -152,7 +152,7 @@ def resolve_prefix_sharing(mode: str, attn_implementation: str) -> bool:
     """packing.prefix_sharing: on/off as given; auto = on unless the kernel is flash-attn varlen,
     which cannot hide sibling responses from each other (and is faster without sharing on GPU)."""
     if mode == "on" and attn_implementation == "flash_attention_2":
-        raise ValueError("packing.prefix_sharing=on needs sdpa, eager or flex_attention; flash-attn varlen cannot mask "
+        raise ValueError("packing.prefix_sharing=on needs sdpa_varlen, flex_varlen, sdpa or eager; flash-attn varlen cannot mask "
                          "sibling responses (use auto or off with flash_attention_2)")
     return mode == "on" or (mode == "auto" and attn_implementation != "flash_attention_2")
 

@@ -22,7 +22,7 @@ def per_token_logprobs(scorer: SequenceScorer, batch) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("impl", ["sdpa_varlen", "sdpa", "eager"])
+@pytest.mark.parametrize("impl", ["sdpa_varlen", "flex_varlen", "sdpa", "eager"])
 def test_packed_equals_separate_and_padded(arch, impl):
     model = tiny_model(arch, impl)
     scorer = SequenceScorer(model, impl, chunk_tokens=16)
@@ -114,6 +114,42 @@ def test_prefix_sharing_equals_separate_sequences_values_and_gradients(arch, k, 
     torch.testing.assert_close(loss_shared, loss_plain, atol=1e-6, rtol=0)
     padded_shared = scorer(build_batch(exs, "padded", prefix_sharing=True)).sums.detach()
     torch.testing.assert_close(padded_shared, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_flex_block_mask_with_prefix_sharing_equals_separate_sequences(arch, k):
+    """flex_varlen's BlockMask (the GPU kernel with sibling masking) computes what each prompt +
+    response computes alone. Values only: torch 2.13 has no flex backward on CPU; the gradient is
+    flex's own on a GPU, the mask is what is ours."""
+    model = tiny_model(arch, "flex_varlen")
+    scorer = SequenceScorer(model, "flex_varlen", chunk_tokens=8)
+    exs = random_examples(5, k=k, seed=11, prompt_range=(2, 30), response_range=(1, 12))
+    with torch.no_grad():
+        shared = scorer(build_batch(exs, "packed", prefix_sharing=True)).sums
+        padded_shared = scorer(build_batch(exs, "padded", prefix_sharing=True)).sums
+        alone = torch.stack([scorer(build_batch([type(ex)(ex.prompt_ids, [r], 0)], "packed")).sums[0]
+                             for ex in exs for r in ex.responses])
+    torch.testing.assert_close(shared, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded_shared, alone, atol=1e-5, rtol=0)
+    # element for element, the block mask's rule is the row mask's (the one sdpa/eager are tested with)
+    for layout in ("packed", "padded"):
+        batch = build_batch(exs, layout, prefix_sharing=True)
+        rows, n = batch.input_ids.shape
+        block = attention_inputs(batch, "flex_varlen")["block_mask"]
+        q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        got = torch.stack([block.mask_mod(torch.tensor(r), torch.tensor(0), q, kv) for r in range(rows)])
+        assert torch.equal(got, block_causal_mask(batch.seq_lens, n, batch.branch)[:, 0])
+
+
+def test_flex_training_on_cpu_is_refused_up_front():
+    from sempa_dist.attention import flex_backward_supported
+
+    if flex_backward_supported("cpu"):
+        assert resolve_attn_implementation("flex_varlen") == "flex_varlen"
+    else:
+        with pytest.raises(RuntimeError, match="cannot train through flex attention on cpu"):
+            resolve_attn_implementation("flex_varlen")
 
 
 def test_prefix_sharing_mask_hides_siblings():
