@@ -52,9 +52,11 @@ class LoraConfig:
 class ModelConfig:
     name: str = _f("tiny-llama", "Registered name (tiny-llama, tiny-qwen2, smollm2-135m-instruct), a local HF directory or a hub id.")
     dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "Training precision; auto = bf16 on GPUs that support it, else fp32.")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = _f(
-        "auto", "Attention kernel; auto = flash_attention_2 when flash-attn and a GPU are present, else sdpa_varlen "
-        "(SDPA per segment); sdpa/eager: one masked [row, row] attention.")
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_varlen", "sdpa_varlen", "sdpa", "eager"] = _f(
+        "auto", "Attention kernel; auto = on a GPU with packing.prefix_sharing auto, the fastest of flash-attn varlen "
+        "(no sharing), flex_varlen and sdpa_varlen (with sharing), measured at start; else flash_attention_2 when "
+        "usable, else sdpa_varlen (SDPA per segment). flex_varlen: flex attention with a block mask (GPU for "
+        "training); sdpa/eager: one masked [row, row] attention.")
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in backward (saves memory).")
     lora: LoraConfig = _f(LoraConfig, "LoRA settings.")
 
@@ -87,7 +89,8 @@ class PackingConfig:
     max_tokens: int = _f(2048, "Token budget of one micro-batch (one packed row).")
     prefix_sharing: Literal["auto", "on", "off"] = _f(
         "auto", "Encode each prompt once for its 1 + K responses (sibling responses masked apart); "
-        "auto = on unless the kernel is flash-attn varlen, which cannot mask siblings."
+        "auto = on unless the kernel is flash-attn varlen, which cannot mask siblings (on a GPU with "
+        "model.attn_implementation auto: measured against flex_varlen/sdpa_varlen with sharing at start)."
     )
 
 

@@ -26,7 +26,8 @@ from sempa_dist import checkpoint, tracking
 from sempa_dist.config import Config, ConfigError, load_config
 from sempa_dist.data import DataError, load_triplets, tokenize_triplets
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
-from sempa_dist.engines import build_policy, build_reference, prefix_sharing
+from sempa_dist.engines import build_policy, build_reference, training_dtype
+from sempa_dist.kernel_choice import choose_everywhere, label
 from sempa_dist.loss import preference_loss
 from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
@@ -181,7 +182,14 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     if steps_per_epoch == 0:
         raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
-    shared = prefix_sharing(cfg)  # each prompt encoded once for its 1 + K responses
+    # attention kernel and prefix sharing (each prompt encoded once for its 1 + K responses): on a GPU
+    # with both on auto, measured once here; the resolved values then hold for engines and reference
+    choice = choose_everywhere(cfg, examples, dist.device, training_dtype(cfg))
+    cfg.model.attn_implementation, cfg.packing.prefix_sharing = choice.impl, "on" if choice.sharing else "off"
+    if dist.is_main:
+        print(choice.describe(), flush=True)
+    tracker.set_tags({"attention": label((choice.impl, choice.sharing))})
+    shared = choice.sharing
     sizes = [example_tokens(ex, shared) for ex in examples]
 
     # resume point, chosen before the engines: a checkpoint written on another world size is loaded
