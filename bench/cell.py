@@ -26,6 +26,6 @@ def failed(rows: list[dict] | list[str]) -> bool:
     return not rows or isinstance(rows[0], str)
 
 
-def median_step_time(rows: list[dict]) -> float:
-    """Median step time after the first (warm-up) step."""
-    return statistics.median(r["step_time_s"] for r in rows[1:] or rows)
+def median_step_time(rows: list[dict], warmup: int = 1) -> float:
+    """Median step time after the first `warmup` steps."""
+    return statistics.median(r["step_time_s"] for r in rows[warmup:] or rows)

@@ -1,14 +1,18 @@
 """Padded vs packed vs packed + prefix sharing, side by side in one run (benchmarks and prefix-sharing issues).
 
     SEMPA_DATA_DIR=../shared/data python bench/layouts.py [--model smollm2-135m-instruct] [--ks 1 3]
-        [--steps 4] [--batch 16] [--nproc 2] [--out bench/layouts.json]
+        [--steps 6] [--warmup 2] [--batch 16] [--nproc 2] [--row-mask] [--no-trl] [--out bench/layouts.json]
 
 Each cell is one real `sempa-train` run on the SNLI dev triplets (same model, data order, global batch,
 ZeRO-3 over `nproc` processes, LoRA r8, reference engine offloaded), differing only in
-`packing.layout` / `packing.prefix_sharing`. Reported per cell: examples/s, real tokens/s, step time
-(median of steps 2..N), tokens actually computed per step, peak RSS of rank 0. The token bound of a
-cell is (tokens the padded cell computes per step) / (tokens this cell computes): the speed-up a
-purely token-bound step would get over padded; "of bound" is the measured speed-up over it.
+`packing.layout` / `packing.prefix_sharing` (and, with --row-mask, the CPU attention path). Reported per
+cell: examples/s, data tokens/s (prompt + response tokens of every chosen and rejected sequence, the
+same count for every layout, so its ratios are the examples/s ratios), step time (median after
+`--warmup` steps), tokens actually computed per step, peak RSS of rank 0. The token bound of a cell is
+(tokens the padded cell computes per step) / (tokens this cell computes): the speed-up a purely
+token-bound step would get over padded; "of bound" is the measured speed-up over it. At K = 1 TRL's
+DPOTrainer (the `bench` extra) runs on the same data, model, beta and batch in the same run (TRL is
+pairwise: no K = 3 row).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from pathlib import Path
 
 from cell import REPO, failed, median_step_time, run_cell
 
-# packed rows under both CPU attention paths: one [row, row]-masked SDPA, or SDPA per segment (sdpa_varlen)
+# packed rows under the default CPU attention (sdpa_varlen: SDPA per segment) and, with --row-mask,
+# under one [row, row]-masked SDPA as well
 CELLS = [("padded", "packing.layout=padded", "packing.prefix_sharing=off", "model.attn_implementation=sdpa"),
          ("packed, row mask", "packing.layout=packed", "packing.prefix_sharing=off", "model.attn_implementation=sdpa"),
          ("packed, varlen", "packing.layout=packed", "packing.prefix_sharing=off", "model.attn_implementation=sdpa_varlen"),
@@ -29,6 +34,7 @@ CELLS = [("padded", "packing.layout=padded", "packing.prefix_sharing=off", "mode
           "model.attn_implementation=sdpa"),
          ("packed + prefix sharing, varlen", "packing.layout=packed", "packing.prefix_sharing=on",
           "model.attn_implementation=sdpa_varlen")]
+TRL = "TRL DPOTrainer (padded)"
 
 
 def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Path) -> dict:
@@ -38,8 +44,8 @@ def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Pa
                      "eval.every=0", f"data.max_examples={a.batch * a.steps}", *overrides])
     if failed(rows):
         return {"layout": name, "k": k, "error": rows}
-    timed = rows[1:] or rows
-    step = median_step_time(rows)
+    timed = rows[a.warmup:] or rows
+    step = median_step_time(rows, a.warmup)
     real = statistics.median(r["tokens_per_s"] * r["step_time_s"] for r in rows)
     computed = statistics.median(r["tokens_per_s"] * r["step_time_s"] / max(1e-9, 1 - r["pad_fraction"]) for r in rows)
     return {"layout": name, "k": k, "step_time_s": step, "examples_per_s": a.batch / step,
@@ -48,40 +54,110 @@ def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Pa
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "loss_step1": rows[0]["loss"]}
 
 
+def trl(a: argparse.Namespace, work: Path) -> dict:
+    """TRL's DPOTrainer on the same data, model, beta and global batch (one process, both cores)."""
+    from trl_peer import trl_cell
+
+    try:
+        r = trl_cell(TRL, False, a, work)
+    except Exception as e:  # a peer's failure is a result too, reported in the table
+        return {"layout": TRL, "k": 1, "error": [f"{type(e).__name__}: {e}"]}
+    return {"layout": TRL, "k": 1, "step_time_s": r["step_time_s"], "examples_per_s": r["examples_per_s"],
+            "loss_step1": r["loss_step1"]}
+
+
+def layer_and_head_params(model: str) -> tuple[int, int]:
+    """Weights every computed token meets (the decoder layers) and those only scored positions meet (the
+    LM head); counted on the meta device. A token's matmul FLOPs are proportional to the weights it meets."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sempa_dist.models import resolve_model
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(model)))
+    return sum(p.numel() for p in m.model.layers.parameters()), m.get_output_embeddings().weight.numel()
+
+
+def scored_per_step(cells: list[dict], k: int) -> float | None:
+    """Response tokens per step (the positions the LM head scores: the same in every layout). Prefix sharing
+    drops exactly K prompt copies per example, so prompt tokens = (real padded - real shared) / K."""
+    pad = next((r for r in cells if r["layout"] == "padded" and "error" not in r), None)
+    shared = next((r for r in cells if "prefix sharing" in r["layout"] and "error" not in r), None)
+    if pad is None or shared is None:
+        return None
+    return shared["real_tokens_per_step"] - (pad["real_tokens_per_step"] - shared["real_tokens_per_step"]) / k
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--ks", type=int, nargs="+", default=[1, 3])
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="steps left out of the median step time (with one micro-step a step, ZeRO-3's second is slow too)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--row-mask", action="store_true", help="also run packed rows under one [row, row]-masked SDPA")
+    ap.add_argument("--no-trl", action="store_true", help="leave out the TRL DPOTrainer cell")
     ap.add_argument("--out", default=str(REPO / "bench" / "layouts.json"))
+    ap.add_argument("--table-from", help="print the table of an earlier run's JSON instead of running")
     a = ap.parse_args()
+    results = json.loads(Path(a.table_from).read_text()) if a.table_from else run(a)
+    table(results, a)
+    if not a.table_from:
+        Path(a.out).write_text(json.dumps(results, indent=2))
+
+
+def run(a: argparse.Namespace) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in a.ks:
             for name, *overrides in CELLS:
+                if "row mask" in name and not a.row_mask:
+                    continue
                 r = one(name, overrides, a, k, Path(tmp))
                 results.append(r)
                 print(json.dumps(r), flush=True)
+            if k == 1 and not a.no_trl:
+                results.append(trl(a, Path(tmp)))
+                print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def table(results: list[dict], a: argparse.Namespace) -> None:
+    """Markdown table; the matmul bound adds to the token bound the LM head's work on scored tokens."""
+    layer_w, head_w = layer_and_head_params(a.model)
     print(f"\nmodel {a.model}, {a.nproc} processes, global batch {a.batch}, max_tokens {a.max_tokens}, {a.steps} steps/cell\n")
-    print("| K | layout | examples/s | speed-up vs padded | token bound | of bound | real tok/s | tokens computed/step | step (s) | peak RSS (MB) | loss step 1 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for k in a.ks:
+    print("| K | layout | examples/s | speed-up vs padded | token bound | of bound | matmul bound | of it | data tok/s | "
+          "tokens computed/step | padding | step (s) | peak RSS (MB) | loss step 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for k in sorted({r["k"] for r in results}):
         cells = [r for r in results if r["k"] == k]
         base = next((r for r in cells if r["layout"] == "padded" and "error" not in r), None)
+        scored = scored_per_step(cells, k)
         for r in cells:
             if "error" in r:
-                print(f"| {k} | {r['layout']} | error: {r['error']} |||||||||")
+                print(f"| {k} | {r['layout']} | error: {r['error']} ||||||||||||")
                 continue
             speed = r["examples_per_s"] / base["examples_per_s"] if base else float("nan")
+            data_tps = base["real_tokens_per_step"] / r["step_time_s"] if base else float("nan")
+            r.update(speedup=speed, data_tokens_per_s=data_tps)
+            if r["layout"] == TRL:  # its tokens computed are not reported by TRL: no bound
+                print(f"| {k} | {r['layout']} | {r['examples_per_s']:.2f} | {speed:.2f}x | | | | | {data_tps:.0f} | | | "
+                      f"{r['step_time_s']:.1f} | | {r['loss_step1']:.4f} |")
+                continue
             bound = base["tokens_computed_per_step"] / r["tokens_computed_per_step"] if base else float("nan")
-            r.update(speedup=speed, token_bound=bound, of_bound=speed / bound)
+            mm = float("nan")
+            if base and scored is not None:
+                mm = ((base["tokens_computed_per_step"] * layer_w + scored * head_w)
+                      / (r["tokens_computed_per_step"] * layer_w + scored * head_w))
+            r.update(token_bound=bound, of_bound=speed / bound, matmul_bound=mm, of_matmul_bound=speed / mm)
             print(f"| {k} | {r['layout']} | {r['examples_per_s']:.2f} | {speed:.2f}x | {bound:.2f}x | {100 * speed / bound:.0f} % | "
-                  f"{r['real_tokens_per_s']:.0f} | {r['tokens_computed_per_step']:.0f} | {r['step_time_s']:.1f} | "
-                  f"{r['peak_rss_mb']:.0f} | {r['loss_step1']:.4f} |")
-    Path(a.out).write_text(json.dumps(results, indent=2))
+                  f"{mm:.2f}x | {100 * speed / mm:.0f} % | {data_tps:.0f} | {r['tokens_computed_per_step']:.0f} | "
+                  f"{100 * (1 - r['real_tokens_per_step'] / r['tokens_computed_per_step']):.0f} % | "
+                  f"{r['step_time_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['loss_step1']:.4f} |")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def sempa_cell(name: str, overrides: list[str], a: argparse.Namespace, work: Pat
                      "train.lr_schedule=constant", *overrides])
     if failed(rows):
         return {"trainer": name, "error": rows}
-    step = median_step_time(rows)
+    step = median_step_time(rows, a.warmup)
     return {"trainer": name, "step_time_s": step, "examples_per_s": a.batch / step,
             "loss_step1": rows[0]["loss"], "logps_chosen_step1": rows[0]["logps/chosen"]}
 
@@ -48,7 +48,8 @@ def trl_cell(name: str, padding_free: bool, a: argparse.Namespace, work: Path) -
     from sempa_dist.data.tokenize import render_prompt
     from sempa_dist.models import load_tokenizer, resolve_model
 
-    cfg = load_config(REPO / "configs" / "smollm2_demo.yaml", [f"data.max_examples={a.batch * a.steps}"])
+    model_name = [f"model.name={a.model}"] if getattr(a, "model", None) else []
+    cfg = load_config(REPO / "configs" / "smollm2_demo.yaml", [f"data.max_examples={a.batch * a.steps}", *model_name])
     tok = load_tokenizer(cfg.model.name)
     rows, _ = load_triplets(cfg.data, seed=cfg.train.seed)
     ds = Dataset.from_list([{"prompt": render_prompt(tok, r["anchor"], cfg.data), "chosen": r["chosen"],
@@ -71,7 +72,7 @@ def trl_cell(name: str, padding_free: bool, a: argparse.Namespace, work: Path) -
     trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[Clock()])
     trainer.train()
     logs = [x for x in trainer.state.log_history if "loss" in x]
-    step = statistics.median(times[1:] or times)
+    step = statistics.median(times[a.warmup:] or times)
     return {"trainer": name, "step_time_s": step, "examples_per_s": a.batch / step, "loss_step1": logs[0]["loss"],
             "logps_chosen_step1": logs[0].get("logps/chosen")}
 
@@ -80,6 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--warmup", type=int, default=1, help="steps left out of the median step time")
     ap.add_argument("--out", default=str(REPO / "bench" / "trl_peer.json"))
     a = ap.parse_args()
     results = []
