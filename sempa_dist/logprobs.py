@@ -10,6 +10,7 @@ under ZeRO-3 its partitioned weight is gathered by DeepSpeed's hooks in forward 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -48,34 +49,42 @@ def _frozen_head_chunk(head: nn.Module, h: torch.Tensor, ids: torch.Tensor) -> t
     return lp + ((h - h.detach()) * g).sum(-1).float()
 
 
-def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Module, chunk_tokens: int) -> torch.Tensor:
-    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N], in chunks of `chunk_tokens` rows.
+def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Module, chunk_tokens: int,
+                           chunks: int | None = None) -> torch.Tensor:
+    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N], in chunks of at most `chunk_tokens` rows.
 
-    Under autograd: a frozen head (LoRA, the usual SemPA setup) gets its input gradient in the
-    forward pass (same FLOPs as full logits, chunk-sized memory); a trainable head is checkpointed
-    per chunk (one extra head matmul in backward, in exchange for chunk-sized memory)."""
+    `chunks`: split into exactly this many near-equal pieces (empty ones too) instead; it must be at
+    least ceil(N / chunk_tokens). Under ZeRO-3 every rank must call the head the same number of times
+    (see SequenceScorer). Under autograd: a frozen head (LoRA, the usual SemPA setup) gets its input
+    gradient in the forward pass (same FLOPs as full logits, chunk-sized memory); a trainable head is
+    checkpointed per chunk (one extra head matmul in backward, in exchange for chunk-sized memory)."""
+    n = hidden.shape[0]
+    chunks = math.ceil(n / chunk_tokens) if chunks is None else chunks
+    if chunks * chunk_tokens < n:
+        raise ValueError(f"{chunks} chunks of at most {chunk_tokens} tokens cannot hold {n} tokens")
+    if chunks == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
     parts = []
     grad = torch.is_grad_enabled() and hidden.requires_grad
     frozen = not any(p.requires_grad for p in head.parameters())
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        h, t = hidden[start : start + chunk_tokens], ids[start : start + chunk_tokens]
+    for h, t in zip(torch.tensor_split(hidden, chunks), torch.tensor_split(ids, chunks), strict=True):
         if grad and frozen:
             parts.append(_frozen_head_chunk(head, h, t))
         elif grad:
             parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(head, h, t))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(parts)
 
 
 def sequence_logprobs(
-    hidden: torch.Tensor, batch: PackedBatch, head: nn.Module, chunk_tokens: int
+    hidden: torch.Tensor, batch: PackedBatch, head: nn.Module, chunk_tokens: int, chunks: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of response-token log-probs and response-token count per sequence: ([S], [S]).
     The same routine serves every layout: the batch's scoring map says which hidden state
     predicts which token (with prefix sharing one prompt position predicts several)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    token_lp = chunked_token_logprobs(flat[batch.score_pos], batch.score_ids, head, chunk_tokens)
+    token_lp = chunked_token_logprobs(flat[batch.score_pos], batch.score_ids, head, chunk_tokens, chunks)
     n = batch.num_sequences
     sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, batch.score_seq, token_lp)
     counts = torch.bincount(batch.score_seq, minlength=n)
@@ -101,11 +110,25 @@ class SequenceScorer(nn.Module):
     hooks see the whole computation, including the LM-head recompute in backward.
     """
 
-    def __init__(self, model: nn.Module, attn_implementation: str, chunk_tokens: int):
+    def __init__(self, model: nn.Module, attn_implementation: str, chunk_tokens: int, lockstep: bool = False):
         super().__init__()
         self.model = model
         self.attn_implementation = attn_implementation
         self.chunk_tokens = chunk_tokens
+        # inside a ZeRO-3 engine of several ranks: every rank must call every module the same number of
+        # times per forward. DeepSpeed records the order of module calls and checks it across ranks with
+        # a collective; a rank whose micro-batch needs one more LM-head chunk would wait forever
+        # (measured: a hang until the collective timeout). So ranks agree on the chunk count first.
+        self.lockstep = lockstep
+
+    def head_chunks(self, scored: int, device: torch.device) -> int:
+        """LM-head chunks for `scored` positions (at least 1), agreed as the maximum over ranks in lockstep."""
+        chunks = max(1, math.ceil(scored / self.chunk_tokens))
+        if self.lockstep and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            t = torch.tensor([chunks], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            chunks = int(t.item())
+        return chunks
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         lm = unwrap_causal_lm(self.model)
@@ -124,10 +147,10 @@ class SequenceScorer(nn.Module):
         with ctx:
             hidden = self.hidden_states(batch)
             head = unwrap_causal_lm(self.model).get_output_embeddings()
-            sums, counts = sequence_logprobs(hidden, batch, head, self.chunk_tokens)
-            if batch.num_sequences == 0:
-                first = chunked_token_logprobs(hidden[0, :1], batch.input_ids[0, :1], head, self.chunk_tokens)
-                anchor = first.sum() * 0.0
-            else:
-                anchor = sums.sum() * 0.0
-            return Scores(sums, counts, anchor)
+            chunks = self.head_chunks(batch.score_pos.numel(), hidden.device)
+            if batch.num_sequences == 0:  # a dummy micro-batch: its one token through the head, in `chunks` calls
+                first = chunked_token_logprobs(hidden[0, :1], batch.input_ids[0, :1], head, self.chunk_tokens, chunks)
+                empty = hidden.new_zeros(0, dtype=torch.float32)
+                return Scores(empty, torch.zeros(0, dtype=torch.long, device=hidden.device), first.sum() * 0.0)
+            sums, counts = sequence_logprobs(hidden, batch, head, self.chunk_tokens, chunks)
+            return Scores(sums, counts, sums.sum() * 0.0)

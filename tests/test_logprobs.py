@@ -82,3 +82,36 @@ def test_frozen_head_gradients_match_full_logits_and_head_runs_once_per_chunk():
     for n, g in ref_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-5, msg=n)
     assert sum(calls) == len(batch.score_pos) and max(calls) <= 7  # forward only: nothing recomputed
+
+
+def test_a_fixed_chunk_count_with_empty_chunks_changes_nothing_but_the_head_calls():
+    """Ranks of a ZeRO-3 engine agree on one chunk count (the most any of them needs), so a rank with
+    fewer scored tokens splits them into more, smaller pieces, some empty. Values and gradients stay
+    those of full logits, for a trainable and a frozen head; the head is called exactly `chunks` times."""
+    for frozen in (False, True):
+        model = tiny_model("llama").train()
+        model.lm_head.weight.requires_grad_(not frozen)
+        batch = build_batch(random_examples(2, k=1, seed=10, response_range=(1, 3)), "packed")
+        ref = naive_sequence_logprobs(model, batch)
+        (ref * torch.arange(1.0, 5.0)).sum().backward()
+        ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        calls = []
+        model.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+        n = len(batch.score_pos)
+        scorer = SequenceScorer(model, "sdpa", 4)
+        flat = scorer.hidden_states(batch).reshape(-1, 32)[batch.score_pos]
+        lp = chunked_token_logprobs(flat, batch.score_ids, model.lm_head, 4, chunks=n + 3)
+        sums = torch.zeros(4).index_add(0, batch.score_seq, lp)
+        (sums * torch.arange(1.0, 5.0)).sum().backward()
+        torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, atol=1e-6, rtol=1e-5, msg=name)
+        forward_calls = calls[: n + 3]  # a trainable head's chunks run again in backward (checkpointed)
+        assert len(forward_calls) == n + 3 and sorted(forward_calls) == [0, 0, 0] + [1] * n
+    try:
+        chunked_token_logprobs(torch.zeros(9, 32), torch.zeros(9, dtype=torch.long), model.lm_head, 4, chunks=2)
+    except ValueError as e:
+        assert "2 chunks of at most 4 tokens cannot hold 9 tokens" in str(e)
+    else:
+        raise AssertionError("too few chunks must be refused")

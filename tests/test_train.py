@@ -156,3 +156,18 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_run):
     assert "already holds checkpoints of an earlier run" in proc.stderr and "train.resume=auto" in proc.stderr
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == before
     assert [r["step"] for r in metrics(tiny_run)] == list(range(1, 31))
+
+
+def test_ranks_needing_different_lm_head_chunk_counts_do_not_hang(tmp_path):
+    """LM-head chunks of 4 tokens: the ranks' micro-batches need different numbers of chunks. ZeRO-3
+    checks the order of module calls across ranks with a collective, so before the ranks agreed on a
+    chunk count this run hung until the collective timeout (measured: 30 s, then 'Timed out waiting
+    30000ms'). Now it finishes, with the losses of the default chunking."""
+    common = ["configs/tiny_cpu.yaml", "train.max_steps=3", "train.save_every=0", "train.export=false",
+              "tracking.enabled=false", "deepspeed.timeout_s=60"]
+    sempa_train(*common, f"train.output_dir={tmp_path / 'small'}", "loss.logprob_chunk_tokens=4", timeout=240)
+    sempa_train(*common, f"train.output_dir={tmp_path / 'default'}", timeout=240)
+    small, default = metrics(tmp_path / "small"), metrics(tmp_path / "default")
+    assert [r["step"] for r in small] == [1, 2, 3]
+    for a, b in zip(small, default, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
