@@ -96,8 +96,8 @@ def test_a_fixed_chunk_count_with_empty_chunks_changes_nothing_but_the_head_call
         (ref * torch.arange(1.0, 5.0)).sum().backward()
         ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad()
-        calls = []
-        model.lm_head.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
+        calls: list[int] = []
+        model.lm_head.register_forward_hook(lambda m, i, o, seen=calls: seen.append(o.shape[0]))
         n = len(batch.score_pos)
         scorer = SequenceScorer(model, "sdpa", 4)
         flat = scorer.hidden_states(batch).reshape(-1, 32)[batch.score_pos]
