@@ -222,7 +222,9 @@ def row_block_mask(batch: PackedBatch):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # automatic dynamic shapes (as transformers does): packed rows vary in length, and a static
+    # compile per length would soon hit dynamo's recompile limit and fall back to eager
+    return torch.compile(flex_attention)
 
 
 def flex_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
