@@ -98,8 +98,20 @@ def check_free_space(cfg: Config) -> None:
         )
 
 
+def check_attention(cfg: Config) -> None:
+    """The attention kernel asked for must train on this machine (flash-attn: a GPU and the package;
+    flex_varlen: a flex backward, which torch 2.13 lacks on CPU). Checked where the ranks run."""
+    from sempa_dist.attention import resolve_attn_implementation
+
+    try:
+        resolve_attn_implementation(cfg.model.attn_implementation)
+    except RuntimeError as e:
+        raise PreflightError(str(e)) from None
+
+
 def preflight(cfg: Config) -> None:
     """All checks, in the order a user would fix them."""
+    check_attention(cfg)
     check_fresh_run(cfg.train.resume, cfg.train.output_dir)
     check_writable(cfg.train.output_dir)
     check_free_space(cfg)
