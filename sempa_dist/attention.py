@@ -199,8 +199,6 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     return flat.view(rows, length, heads, dim), None
 
 
-
-
 def row_block_mask(batch: PackedBatch):
     """flex attention's BlockMask for `batch`: same segment, causal, and with prefix sharing the sibling
     rule; the padding tail attends to itself only (a finite softmax, as in the other paths)."""
@@ -236,14 +234,14 @@ def flex_varlen_attention(module, query, key, value, attention_mask, dropout: fl
         raise ValueError("flex_varlen has no attention dropout; set the model's attention_dropout to 0")
     if query.is_cuda:
         flex = _compiled_flex()  # eager flex materialises every score: compiled is the point on a GPU
-    else:  # no-grad passes only (see resolve_attn_implementation); unfused on CPU, as its warning says
+    else:  # no-grad passes only (see resolve_attn_implementation); unfused on CPU (its warning is muted below)
         from torch.nn.attention.flex_attention import flex_attention as flex
-
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
     out = flex(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
+# eager flex on CPU warns on every call that it is unfused: known and intended there (gradient-free passes)
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
 AttentionInterface.register(SDPA_VARLEN, sdpa_varlen_attention)
 AttentionInterface.register(FLEX_VARLEN, flex_varlen_attention)
 for _name in (SDPA_VARLEN, FLEX_VARLEN):  # the masks sdpa gets when no segments / block mask are given
