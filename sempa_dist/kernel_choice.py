@@ -27,8 +27,10 @@ from sempa_dist.attention import (
     attention_inputs,
     flash_attn_available,
     flex_backward_supported,
+    resolve_attn_implementation,
 )
-from sempa_dist.packing import build_batch, resolve_prefix_sharing
+from sempa_dist.models import resolve_model
+from sempa_dist.packing import build_batch, example_tokens, resolve_prefix_sharing
 
 Candidate = tuple[str, bool]  # (attention implementation, prefix sharing)
 
@@ -53,8 +55,6 @@ def label(c: Candidate) -> str:
 
 def candidates(attn_implementation: str, prefix_sharing: str, device_type: str) -> list[Candidate]:
     """What may run here. Anything but auto/auto on a GPU is decided by the config alone."""
-    from sempa_dist.attention import resolve_attn_implementation
-
     if attn_implementation != "auto" or prefix_sharing != "auto" or device_type != "cuda":
         impl = resolve_attn_implementation(attn_implementation)
         return [(impl, resolve_prefix_sharing(prefix_sharing, impl))]
@@ -99,8 +99,6 @@ def _forward_backward(model, batch, impl: str, emb: torch.Tensor) -> None:
 
 def choose(cfg, examples: Sequence, device: torch.device, dtype: torch.dtype) -> Choice:
     """This rank's choice for `cfg` (measured when there is more than one candidate)."""
-    from sempa_dist.models import resolve_model
-
     options = candidates(cfg.model.attn_implementation, cfg.packing.prefix_sharing, device.type)
     if len(options) == 1:
         return Choice(*options[0])
@@ -112,8 +110,6 @@ def choose(cfg, examples: Sequence, device: torch.device, dtype: torch.dtype) ->
 
 def probe_examples(examples: Sequence, max_tokens: int) -> list:
     """The run's first examples, as many as one micro-batch holds without sharing (the larger layout)."""
-    from sempa_dist.packing import example_tokens
-
     taken, used = [], 0
     for ex in examples:
         n = example_tokens(ex, False)
