@@ -85,6 +85,18 @@ def init_distributed(timeout_s: int) -> DistInfo:
     return DistInfo(rank, world, local, device, backend)
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group after a clean finish, while the interpreter is whole.
+
+    Left to interpreter teardown, gloo's worker threads can still hold work objects whose release
+    needs the GIL, and the rank dies with SIGABRT ("terminate called without an active exception")
+    after a successful run. Only on success: after a failure a peer may sit in a collective, and
+    destroying the group could wait for it.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)

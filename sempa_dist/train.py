@@ -25,7 +25,7 @@ import yaml
 from sempa_dist import checkpoint, tracking
 from sempa_dist.config import Config, ConfigError, load_config
 from sempa_dist.data import DataError, load_triplets, tokenize_triplets
-from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed
+from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from sempa_dist.engines import build_policy, build_reference, training_dtype
 from sempa_dist.kernel_choice import choose_everywhere, label
 from sempa_dist.loss import preference_loss
@@ -144,13 +144,15 @@ def train(cfg: Config) -> dict[str, Any]:
     # preempted, leaves it RUNNING for the requeued job to continue
     with tracking.start(cfg, dist, kind="train") as tracker:
         try:
-            return run_training(cfg, dist, tracker)
+            summary = run_training(cfg, dist, tracker)
         except Exception as e:
             # bad data or config and our own stop are this rank's doing; any other error may be a dead or
             # frozen peer (gloo and NCCL word a peer's failure many ways): read the heartbeats
             if dist.world_size > 1 and not isinstance(e, ConfigError | DataError | NonFiniteError):
                 report_failure(e, cfg, dist)
             raise
+    shutdown_distributed()
+    return summary
 
 
 def report_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from sempa_dist.eval.encode import Encoder
+from tests.scripts.rank_exit import exit_all
 
 out = Path(sys.argv[1])
 sentences = json.loads((out / "sentences.json").read_text())
@@ -25,5 +26,4 @@ last = Encoder.from_pretrained("tiny-llama", batch_size=4, show_progress=False)
 mean = Encoder(last.hidden_fn, last.tokenizer, pooling="mean", batch_size=4, show_progress=False)
 for name, enc in (("last", last), ("mean", mean)):
     np.save(out / f"{name}.rank{rank}.npy", enc.encode(sentences))
-dist.barrier()
-dist.destroy_process_group()
+exit_all()
