@@ -41,7 +41,7 @@ def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Pa
     rows = run_cell("configs/smollm2_demo.yaml", work / f"{name.replace(' ', '_').replace(',', '')}-k{k}",
                     [f"model.name={a.model}", f"data.num_rejected={k}", f"train.max_steps={a.steps}",
                      f"train.global_batch_size={a.batch}", f"packing.max_tokens={a.max_tokens}", f"train.nproc={a.nproc}",
-                     "eval.every=0", f"data.max_examples={a.batch * a.steps}", *overrides])
+                     "eval.every=0", f"data.max_examples={a.batch * a.steps}", *a.set, *overrides])
     if failed(rows):
         return {"layout": name, "k": k, "error": rows}
     timed = rows[a.warmup:] or rows
@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--row-mask", action="store_true", help="also run packed rows under one [row, row]-masked SDPA")
     ap.add_argument("--no-trl", action="store_true", help="leave out the TRL DPOTrainer cell")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides applied to every sempa-train cell (e.g. another DeepSpeed config)")
     ap.add_argument("--out", default=str(REPO / "bench" / "layouts.json"))
     ap.add_argument("--table-from", help="print the table of an earlier run's JSON instead of running")
     a = ap.parse_args()
