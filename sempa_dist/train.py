@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import resource
@@ -17,7 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import yaml
@@ -359,5 +360,23 @@ def run(cfg: Config) -> int:
     return 0
 
 
+def exit_rank(code: int) -> NoReturn:
+    """Leave a rank process without the interpreter's teardown. There, a native thread of the
+    torch.distributed / gloo stack now and then aborts the process ("terminate called without an
+    active exception", SIGABRT) after all the work is done and saved: seen in CI after a preemption
+    checkpoint, which turned a clean requeue (75) into a failed job. Everything of the run is on disk
+    and the MLflow run closed by now; stdio and logging are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as e:  # Preempted (75) after its checkpoint, or sys.exit(...) below main
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    exit_rank(exit_code)
