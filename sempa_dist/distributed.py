@@ -86,12 +86,11 @@ def init_distributed(timeout_s: int) -> DistInfo:
 
 
 def shutdown_distributed() -> None:
-    """Destroy the process group after a clean finish, while the interpreter is whole.
-
-    Left to interpreter teardown, gloo's worker threads can still hold work objects whose release
-    needs the GIL, and the rank dies with SIGABRT ("terminate called without an active exception")
-    after a successful run. Only on success: after a failure a peer may sit in a collective, and
-    destroying the group could wait for it.
+    """Destroy the process group after a clean finish, so that an in-process caller (the demo, a
+    one-process run) does not carry a live gloo group into interpreter teardown, where it can abort
+    the process (pytorch issue 190489); rank processes also skip that teardown (train.exit_rank).
+    Only on success: after a failure a peer may sit in a collective, and destroying the group could
+    wait for it.
     """
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

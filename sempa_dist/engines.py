@@ -75,11 +75,6 @@ def _auto_values(cfg: Config, hidden: int, world: int, reference: bool) -> dict[
         "zero_optimization.reduce_bucket_size": hidden * hidden,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
-        # the reference runs forward only, so no weight is used twice within a pass: 0 releases each
-        # module's gathered weights right after it, where DeepSpeed's 1e9 walks the rest of the module
-        # trace after every module looking for a reuse. The policy keeps DeepSpeed's 1e9 (weights stay
-        # gathered from forward to backward); a bound of one decoder layer measured no faster here.
-        "zero_optimization.stage3_max_reuse_distance": 0 if reference else int(1e9),
         "zero_optimization.offload_param.device": offload if reference else "none",
         "zero_optimization.offload_param.nvme_path": cfg.ref.nvme_path or "/local_nvme",
         "zero_optimization.offload_param.pin_memory": cuda,

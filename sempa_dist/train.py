@@ -349,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: Config) -> int:
-    """`train(cfg)` as a process exit code: 0, or 1 after a non-finite stop (one line from rank 0
-    instead of the same traceback from every rank; the Slurm script does not requeue on it)."""
+    """`train(cfg)` as a process exit code: 0; 75 after a preemption checkpoint (the Slurm script
+    requeues on it); or 1 after a non-finite stop (one line from rank 0 instead of the same traceback
+    from every rank; the Slurm script does not requeue on it)."""
     try:
         train(cfg)
+    except Preempted as e:
+        return e.code
     except NonFiniteError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"sempa-train: {e}", file=sys.stderr, flush=True)
@@ -373,10 +376,4 @@ def exit_rank(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    try:
-        exit_code = main()
-    except SystemExit as e:  # Preempted (75) after its checkpoint, or sys.exit(...) below main
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-        exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    exit_rank(exit_code)
+    exit_rank(main())
