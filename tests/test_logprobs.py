@@ -14,6 +14,16 @@ def naive_sequence_logprobs(model, batch):
     return sums
 
 
+def assert_grads_close(model, ref_grads: dict) -> None:
+    """Gradients equal to fp32 accuracy. An embedding row's gradient sums many terms, so where they
+    cancel near zero the error is a few ulps of the largest term, not of the element: atol scales with
+    the tensor's largest reference gradient."""
+    params = dict(model.named_parameters())
+    for name, g in ref_grads.items():
+        atol = 1e-6 * max(1.0, g.abs().max().item())
+        torch.testing.assert_close(params[name].grad, g, atol=atol, rtol=1e-5, msg=name)
+
+
 def test_chunked_values_and_gradients_match_full_logits():
     model = tiny_model("llama").train()
     batch = build_batch(random_examples(5, k=1, seed=7), "packed")
@@ -26,8 +36,7 @@ def test_chunked_values_and_gradients_match_full_logits():
         sums, counts, _ = SequenceScorer(model, "sdpa", chunk)(batch)
         torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
         (sums * weights).sum().backward()
-        for n, p in model.named_parameters():
-            torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+        assert_grads_close(model, ref_grads)
         model.zero_grad()
     assert counts.tolist() == [len(r) for e in random_examples(5, k=1, seed=7) for r in e.responses]
 
@@ -79,8 +88,7 @@ def test_frozen_head_gradients_match_full_logits_and_head_runs_once_per_chunk():
     sums = SequenceScorer(model, "sdpa", 7)(batch).sums
     (sums * weights).sum().backward()
     torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
-    for n, g in ref_grads.items():
-        torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, atol=1e-6, rtol=1e-5, msg=n)
+    assert_grads_close(model, ref_grads)
     assert sum(calls) == len(batch.score_pos) and max(calls) <= 7  # forward only: nothing recomputed
 
 
@@ -105,8 +113,7 @@ def test_a_fixed_chunk_count_with_empty_chunks_changes_nothing_but_the_head_call
         sums = torch.zeros(4).index_add(0, batch.score_seq, lp)
         (sums * torch.arange(1.0, 5.0)).sum().backward()
         torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
-        for name, g in ref_grads.items():
-            torch.testing.assert_close(dict(model.named_parameters())[name].grad, g, atol=1e-6, rtol=1e-5, msg=name)
+        assert_grads_close(model, ref_grads)
         forward_calls = calls[: n + 3]  # a trainable head's chunks run again in backward (checkpointed)
         assert len(forward_calls) == n + 3 and sorted(forward_calls) == [0, 0, 0] + [1] * n
     try:
