@@ -51,7 +51,9 @@ def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Pa
     return {"layout": name, "k": k, "step_time_s": step, "examples_per_s": a.batch / step,
             "real_tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
             "tokens_computed_per_step": computed, "real_tokens_per_step": real,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "loss_step1": rows[0]["loss"]}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "loss_step1": rows[0]["loss"],
+            # rank 0's seconds per phase (train.phase_times), medians over the timed steps
+            "phases": {key[5:-2]: statistics.median(r[key] for r in timed) for key in rows[0] if key.startswith("time/")}}
 
 
 def trl(a: argparse.Namespace, work: Path) -> dict:
@@ -160,6 +162,26 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
                   f"{mm:.2f}x | {100 * speed / mm:.0f} % | {data_tps:.0f} | {r['tokens_computed_per_step']:.0f} | "
                   f"{100 * (1 - r['real_tokens_per_step'] / r['tokens_computed_per_step']):.0f} % | "
                   f"{r['step_time_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['loss_step1']:.4f} |")
+    phase_table(results)
+
+
+def phase_table(results: list[dict]) -> None:
+    """Where a step's time goes, per cell (rank 0, medians): each phase's seconds and its speed-up over the
+    padded cell's same phase; "other" is the rest of the step (batch building, metrics, the all-reduce)."""
+    cells = [r for r in results if r.get("phases")]
+    if not cells:
+        return
+    names = list(cells[0]["phases"])
+    print("\n| K | layout | " + " | ".join(names) + " | other | step (s) |")
+    print("|---|---|" + "---|" * (len(names) + 2))
+    for r in cells:
+        base = next((b for b in cells if b["k"] == r["k"] and b["layout"] == "padded"), None)
+        other = r["step_time_s"] - sum(r["phases"].values())
+        parts = []
+        for n, sec in [*r["phases"].items(), ("other", other)]:
+            ref = (base["step_time_s"] - sum(base["phases"].values())) if n == "other" and base else (base or {}).get("phases", {}).get(n)
+            parts.append(f"{sec:.2f}" + (f" ({ref / sec:.2f}x)" if ref and sec > 0 and base is not r else ""))
+        print(f"| {r['k']} | {r['layout']} | " + " | ".join(parts) + f" | {r['step_time_s']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,9 @@ class TrainConfig:
         "skip", "A step whose loss or gradient norm is NaN/inf is never applied: skip it and go on, or stop "
         "(the last checkpoint stays the last good one).")
     max_consecutive_skips: int = _f(10, "Under on_nonfinite=skip, stop after this many non-finite steps in a row.")
+    phase_times: Literal["auto", "on", "off"] = _f(
+        "auto", "Log the seconds of each step's phases (policy forward, reference, backward, optimizer) as "
+        "time/*_s metrics; auto = on a CPU only (on a GPU each phase boundary synchronises the device).")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from sempa_dist.kernel_choice import choose_everywhere, label
 from sempa_dist.loss import preference_loss
 from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
+from sempa_dist.phase_times import PhaseTimer, phase_timing_enabled
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
 from sempa_dist.watchdog import Heartbeat, describe_silent, silent_ranks
@@ -226,6 +227,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     from tqdm import tqdm
 
     preemption = PreemptionFlag()
+    timer = PhaseTimer(phase_timing_enabled(cfg.train.phase_times, dist.device), dist.device)
     bar = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     history: list[dict[str, float]] = []
     policy.train()
@@ -236,12 +238,16 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
         ids = epoch_order(len(examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
         plan = plan_step([sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
         sums = torch.zeros(len(METRICS) + 4, dtype=torch.float64)
+        timer.start()
         for m, micro in enumerate(plan):
             batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id, shared)
             batch = batch.to(dist.device)
             policy.set_gradient_accumulation_boundary(m == len(plan) - 1)
+            timer.resume()
             out = policy(batch)
+            timer.mark("policy_forward")
             ref_sums, ref_counts = reference.logps(batch)
+            timer.mark("reference")
             k1 = batch.responses_per_example
             pol, ref = out.sums.view(-1, k1), ref_sums.to(out.sums).view(-1, k1)
             if cfg.loss.type == "ipo":  # IPO scores length-normalised log-probs
@@ -255,6 +261,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
                 # DeepSpeed's non-finite gradient-norm check, global over ranks, drops the step everywhere
                 loss = loss * float("nan")
             policy.backward(loss, scale_wrt_gas=False)
+            timer.mark("backward")
             with torch.no_grad():
                 sums[0] += losses.sum().item()
                 for j, name in enumerate(METRICS[1:], 1):
@@ -262,7 +269,9 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
                 sums[REAL_TOKENS] += batch.real_tokens if micro else 0
                 sums[TOTAL_TOKENS] += batch.total_tokens
                 sums[EXAMPLES] += batch.num_examples
+        timer.resume()
         policy.step()
+        timer.mark("optimizer")
         applied = policy.was_step_applied()
         grad_norm = policy.get_global_grad_norm()
         grad_norm = float("nan") if grad_norm is None else float(grad_norm)
@@ -275,6 +284,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
             "tokens_per_s": float(totals[REAL_TOKENS] / dt),
             "pad_fraction": float(1 - totals[REAL_TOKENS] / totals[TOTAL_TOKENS]),
             "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
+            **timer.seconds(),  # rank 0's
         })
         nonfinite = not (math.isfinite(row["loss"]) and math.isfinite(grad_norm))
         skips.record(step + 1, nonfinite, applied, row["loss"], grad_norm)

@@ -30,6 +30,11 @@ def test_loss_falls_and_artifacts_exist(tiny_run):
     assert last < first - 0.1, (first, last)
     assert rows[-1]["rewards/accuracy"] > 0.7
     assert all(r["pad_fraction"] == 0.0 and r["tokens_per_s"] > 0 for r in rows)
+    # phase times (auto: on, this is a CPU run): every phase took time, and together no more than the step
+    phases = ["time/policy_forward_s", "time/reference_s", "time/backward_s", "time/optimizer_s"]
+    for r in rows:
+        assert all(r[k] > 0 for k in phases), r
+        assert sum(r[k] for k in phases) <= r["step_time_s"], r
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 30
     ckpts = tiny_run / "checkpoints"
