@@ -35,13 +35,17 @@ CELLS = [("padded", "packing.layout=padded", "packing.prefix_sharing=off", "mode
          ("packed + prefix sharing, varlen", "packing.layout=packed", "packing.prefix_sharing=on",
           "model.attn_implementation=sdpa_varlen")]
 TRL = "TRL DPOTrainer (padded)"
+CONFIG = "configs/smollm2_demo.yaml"
+
+
+def cell_overrides(a: argparse.Namespace, k: int, overrides: list[str]) -> list[str]:
+    return [f"model.name={a.model}", f"data.num_rejected={k}", f"train.max_steps={a.steps}",
+            f"train.global_batch_size={a.batch}", f"packing.max_tokens={a.max_tokens}", f"train.nproc={a.nproc}",
+            "eval.every=0", f"data.max_examples={a.batch * a.steps}", *a.set, *overrides]
 
 
 def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Path) -> dict:
-    rows = run_cell("configs/smollm2_demo.yaml", work / f"{name.replace(' ', '_').replace(',', '')}-k{k}",
-                    [f"model.name={a.model}", f"data.num_rejected={k}", f"train.max_steps={a.steps}",
-                     f"train.global_batch_size={a.batch}", f"packing.max_tokens={a.max_tokens}", f"train.nproc={a.nproc}",
-                     "eval.every=0", f"data.max_examples={a.batch * a.steps}", *a.set, *overrides])
+    rows = run_cell(CONFIG, work / f"{name.replace(' ', '_').replace(',', '')}-k{k}", cell_overrides(a, k, overrides))
     if failed(rows):
         return {"layout": name, "k": k, "error": rows}
     timed = rows[a.warmup:] or rows
@@ -103,6 +107,8 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--row-mask", action="store_true", help="also run packed rows under one [row, row]-masked SDPA")
     ap.add_argument("--no-trl", action="store_true", help="leave out the TRL DPOTrainer cell")
+    ap.add_argument("--no-compute-only", action="store_true",
+                    help="leave out each layout's compute alone (rank 0's micro-batches, plain models, one thread)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides applied to every sempa-train cell (e.g. another DeepSpeed config)")
     ap.add_argument("--out", default=str(REPO / "bench" / "layouts.json"))
@@ -122,6 +128,10 @@ def run(a: argparse.Namespace) -> list[dict]:
                 if "row mask" in name and not a.row_mask:
                     continue
                 r = one(name, overrides, a, k, Path(tmp))
+                if not a.no_compute_only and "error" not in r:
+                    from compute_only import compute_cell
+
+                    r["compute_only"] = compute_cell(CONFIG, cell_overrides(a, k, overrides), a.steps, a.warmup, a.nproc)
                 results.append(r)
                 print(json.dumps(r), flush=True)
             if k == 1 and not a.no_trl:
@@ -163,6 +173,7 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
                   f"{100 * (1 - r['real_tokens_per_step'] / r['tokens_computed_per_step']):.0f} % | "
                   f"{r['step_time_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['loss_step1']:.4f} |")
     phase_table(results)
+    compute_table(results)
 
 
 def phase_table(results: list[dict]) -> None:
@@ -182,6 +193,24 @@ def phase_table(results: list[dict]) -> None:
             ref = (base["step_time_s"] - sum(base["phases"].values())) if n == "other" and base else (base or {}).get("phases", {}).get(n)
             parts.append(f"{sec:.2f}" + (f" ({ref / sec:.2f}x)" if ref and sec > 0 and base is not r else ""))
         print(f"| {r['k']} | {r['layout']} | " + " | ".join(parts) + f" | {r['step_time_s']:.2f} |")
+
+
+def compute_table(results: list[dict]) -> None:
+    """Each layout's compute alone (bench/compute_only.py) beside the trainer's step: the speed-up the
+    layout earns in compute, and the seconds the distributed setup adds to every step."""
+    cells = [r for r in results if r.get("compute_only")]
+    if not cells:
+        return
+    print("\n| K | layout | compute alone (s) | its speed-up vs padded | of token bound | trainer step (s) | "
+          "added by ZeRO-3 over 2 processes (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in cells:
+        base = next((b for b in cells if b["k"] == r["k"] and b["layout"] == "padded"), None)
+        c = r["compute_only"]["step_time_s"]
+        speed = base["compute_only"]["step_time_s"] / c if base else float("nan")
+        bound = r.get("token_bound", float("nan"))
+        print(f"| {r['k']} | {r['layout']} | {c:.2f} | {speed:.2f}x | {100 * speed / bound:.0f} % | "
+              f"{r['step_time_s']:.2f} | {r['step_time_s'] - c:.2f} |")
 
 
 if __name__ == "__main__":

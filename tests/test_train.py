@@ -96,7 +96,8 @@ def test_reference_modes_agree_and_reference_is_frozen(tmp_path):
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     r = json.loads(line[len("RESULT "):])
     assert r["n_seq"] > 0
-    assert r["engine_vs_adapter"] <= 1e-5 and r["engine_vs_precomputed"] <= 1e-5
+    assert r["engine_vs_adapter"] <= 1e-5 and r["engine_vs_precomputed"] <= 1e-5 and r["engine_vs_replicated"] <= 1e-5
+    assert r["replicated_whole"] and r["offloaded_sharded"]
     assert r["ref_moved"] == 0.0 and r["policy_moved"] > 1e-3
     assert r["ref_grad_params"] == 0 and r["ref_offload"] == "cpu"
     assert r["ref_optimizer"] in (None, "DeepSpeedZeRoOffload")  # parameter offload manager, not an optimizer

@@ -3,6 +3,7 @@
 Prints one JSON line on rank 0 with the measured differences; the pytest wrapper asserts on it.
 """
 
+import copy
 import sys
 
 import torch
@@ -25,6 +26,9 @@ dist = init_distributed(cfg.deepspeed.timeout_s)
 tokenizer, examples, _, tok = prepare_data(cfg, dist)
 policy, _ = build_policy(cfg, dist, total_steps=10)
 engine_ref = EngineReference(cfg, dist)
+replicated_cfg = copy.deepcopy(cfg)
+replicated_cfg.deepspeed.ref_config = "ds_configs/zero3_ref_replicated.json"
+replicated_ref = EngineReference(replicated_cfg, dist)
 adapter_ref = AdapterReference(policy)
 pre_ref = precompute_reference(cfg, dist, examples, tok.fingerprint)
 
@@ -33,7 +37,7 @@ batches = [build_batch([examples[i] for i in m], "packed", tokenizer.pad_token_i
 
 
 def all_refs():
-    return [torch.cat([r.logps(b)[0] for b in batches]) for r in (engine_ref, adapter_ref, pre_ref)]
+    return [torch.cat([r.logps(b)[0] for b in batches]) for r in (engine_ref, adapter_ref, pre_ref, replicated_ref)]
 
 
 before = all_refs()
@@ -52,6 +56,13 @@ grad_params = [n for n, p in engine_ref.engine.module.named_parameters() if p.re
 result = {
     "engine_vs_adapter": float((before[0] - before[1]).abs().max()),
     "engine_vs_precomputed": float((before[0] - before[2]).abs().max()),
+    "engine_vs_replicated": float((before[0] - before[3]).abs().max()),
+    # the replicated reference holds every weight whole on each rank (nothing to gather); the offloaded
+    # one holds a shard of each partitioned weight
+    "replicated_whole": all(p.ds_persist and p.ds_tensor.numel() == p.ds_numel
+                            for p in replicated_ref.engine.module.parameters()),
+    "offloaded_sharded": any(not p.ds_persist and p.ds_tensor.numel() < p.ds_numel
+                             for p in engine_ref.engine.module.parameters()),
     "ref_moved": max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True)),
     "policy_moved": float((policy_before - policy_after).abs().max()),
     "ref_optimizer": type(opt).__name__ if opt is not None else None,
