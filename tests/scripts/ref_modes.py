@@ -57,11 +57,11 @@ result = {
     "engine_vs_adapter": float((before[0] - before[1]).abs().max()),
     "engine_vs_precomputed": float((before[0] - before[2]).abs().max()),
     "engine_vs_replicated": float((before[0] - before[3]).abs().max()),
-    # the replicated reference holds every weight whole on each rank (nothing to gather); the offloaded
-    # one holds a shard of each partitioned weight
-    "replicated_whole": all(p.ds_persist and p.ds_tensor.numel() == p.ds_numel
+    # between forwards the replicated reference still holds every weight whole on each rank (nothing to
+    # gather); the offloaded one has released its partitioned weights (only its shard is kept)
+    "replicated_whole": all(p.ds_persist and p.data.numel() == p.ds_numel
                             for p in replicated_ref.engine.module.parameters()),
-    "offloaded_sharded": any(not p.ds_persist and p.ds_tensor.numel() < p.ds_numel
+    "offloaded_sharded": any(not p.ds_persist and p.data.numel() < p.ds_numel
                              for p in engine_ref.engine.module.parameters()),
     "ref_moved": max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True)),
     "policy_moved": float((policy_before - policy_after).abs().max()),
