@@ -88,6 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, overrides in [("sempa-dist (2 proc, ref engine, prefix sharing)", []),
+                                ("sempa-dist (2 proc, ref engine replicated, prefix sharing)",
+                                 ["deepspeed.ref_config=ds_configs/zero3_ref_replicated.json"]),
                                 ("sempa-dist (1 proc, ref engine, prefix sharing)", ["train.nproc=1"]),
                                 ("sempa-dist (2 proc, ref adapter, prefix sharing)", ["ref.mode=adapter"]),
                                 ("sempa-dist (2 proc, ref adapter, packed, no sharing)", ["ref.mode=adapter", "packing.prefix_sharing=off"])]:
