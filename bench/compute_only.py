@@ -9,7 +9,6 @@ with one thread, as a rank has, and times the same phases: what a layout saves i
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
@@ -21,21 +20,21 @@ def compute_cell(config: str, overrides: list[str], steps: int, warmup: int, wor
 
     from sempa_dist.attention import resolve_attn_implementation
     from sempa_dist.config import load_config
-    from sempa_dist.data import load_triplets, tokenize_triplets
+    from sempa_dist.distributed import DistInfo
     from sempa_dist.engines import peft_lora_config
     from sempa_dist.logprobs import SequenceScorer
-    from sempa_dist.models import load_tokenizer, resolve_model
+    from sempa_dist.models import resolve_model
     from sempa_dist.packing import build_batch, example_tokens, plan_step
-    from sempa_dist.train import epoch_order
+    from sempa_dist.phase_times import PhaseTimer, metric_name
+    from sempa_dist.train import epoch_order, prepare_data
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a rank's share of this 2-core machine
     try:
         cfg = load_config(config, overrides)
+        cpu = torch.device("cpu")
+        tokenizer, examples, _, _ = prepare_data(cfg, DistInfo(0, 1, 0, cpu, "none"))
         shared = cfg.packing.prefix_sharing == "on"
-        tokenizer = load_tokenizer(cfg.model.name)
-        triplets, _ = load_triplets(cfg.data, seed=cfg.train.seed)
-        examples, _ = tokenize_triplets(triplets, tokenizer, cfg.data)
         impl = resolve_attn_implementation(cfg.model.attn_implementation)
         path = resolve_model(cfg.model.name)
 
@@ -46,27 +45,26 @@ def compute_cell(config: str, overrides: list[str], steps: int, warmup: int, wor
         policy = SequenceScorer(get_peft_model(load(), peft_lora_config(cfg)).train(), impl, cfg.loss.logprob_chunk_tokens)
         reference = SequenceScorer(load().eval().requires_grad_(False), impl, cfg.loss.logprob_chunk_tokens)
         sizes = [example_tokens(ex, shared) for ex in examples]
+        order = epoch_order(len(examples), cfg.train.seed, 0)  # the cells run steps x batch examples: one epoch
         B = cfg.train.global_batch_size
+        timer = PhaseTimer(True, cpu)
         rows = []
         for step in range(steps):
-            ids = epoch_order(len(examples), cfg.train.seed, 0)[step * B : (step + 1) * B]
-            plan = plan_step([sizes[i] for i in ids], world, cfg.packing.max_tokens)[0]
-            t = dict.fromkeys(("policy_forward", "reference", "backward"), 0.0)
-            for micro in plan:
+            ids = order[step * B : (step + 1) * B]
+            timer.start()
+            for micro in plan_step([sizes[i] for i in ids], world, cfg.packing.max_tokens)[0]:
                 batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id, shared)
-                t0 = time.perf_counter()
+                timer.resume()
                 out = policy(batch)
-                t1 = time.perf_counter()
+                timer.mark("policy_forward")
                 with torch.no_grad():
                     reference(batch)
-                t2 = time.perf_counter()
+                timer.mark("reference")
                 (out.sums.sum() + out.anchor).backward()
-                t3 = time.perf_counter()
-                t["policy_forward"] += t1 - t0
-                t["reference"] += t2 - t1
-                t["backward"] += t3 - t2
+                timer.mark("backward")
             policy.zero_grad(set_to_none=True)
-            rows.append(t)
+            seconds = timer.seconds()
+            rows.append({p: seconds[metric_name(p)] for p in ("policy_forward", "reference", "backward")})
         timed = rows[warmup:] or rows
         phases = {k: statistics.median(r[k] for r in timed) for k in rows[0]}
         return {"phases": phases, "step_time_s": statistics.median(sum(r.values()) for r in timed)}

@@ -24,6 +24,9 @@ import tempfile
 from pathlib import Path
 
 from cell import REPO, failed, median_step_time, run_cell
+from compute_only import compute_cell
+
+from sempa_dist.phase_times import PHASES, metric_name
 
 # packed rows under the default CPU attention (sdpa_varlen: SDPA per segment) and, with --row-mask,
 # under one [row, row]-masked SDPA as well
@@ -57,7 +60,7 @@ def one(name: str, overrides: list[str], a: argparse.Namespace, k: int, work: Pa
             "tokens_computed_per_step": computed, "real_tokens_per_step": real,
             "peak_rss_mb": max(r["peak_rss_mb"] for r in rows), "loss_step1": rows[0]["loss"],
             # rank 0's seconds per phase (train.phase_times), medians over the timed steps
-            "phases": {key[5:-2]: statistics.median(r[key] for r in timed) for key in rows[0] if key.startswith("time/")}}
+            "phases": {p: statistics.median(r[metric_name(p)] for r in timed) for p in PHASES if metric_name(p) in rows[0]}}
 
 
 def trl(a: argparse.Namespace, work: Path) -> dict:
@@ -129,8 +132,6 @@ def run(a: argparse.Namespace) -> list[dict]:
                     continue
                 r = one(name, overrides, a, k, Path(tmp))
                 if not a.no_compute_only and "error" not in r:
-                    from compute_only import compute_cell
-
                     r["compute_only"] = compute_cell(CONFIG, cell_overrides(a, k, overrides), a.steps, a.warmup, a.nproc)
                 results.append(r)
                 print(json.dumps(r), flush=True)
@@ -149,7 +150,7 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in sorted({r["k"] for r in results}):
         cells = [r for r in results if r["k"] == k]
-        base = next((r for r in cells if r["layout"] == "padded" and "error" not in r), None)
+        base = padded_of(cells, k)
         scored = scored_per_step(cells, k)
         for r in cells:
             if "error" in r:
@@ -176,22 +177,29 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
     compute_table(results)
 
 
+def padded_of(cells: list[dict], k: int) -> dict | None:
+    """The padded cell at this K (every speed-up's baseline), if it ran."""
+    return next((r for r in cells if r["k"] == k and r["layout"] == "padded" and "error" not in r), None)
+
+
 def phase_table(results: list[dict]) -> None:
     """Where a step's time goes, per cell (rank 0, medians): each phase's seconds and its speed-up over the
     padded cell's same phase; "other" is the rest of the step (batch building, metrics, the all-reduce)."""
     cells = [r for r in results if r.get("phases")]
     if not cells:
         return
-    names = list(cells[0]["phases"])
-    print("\n| K | layout | " + " | ".join(names) + " | other | step (s) |")
-    print("|---|---|" + "---|" * (len(names) + 2))
+
+    def split(r: dict) -> dict[str, float]:
+        return {**r["phases"], "other": r["step_time_s"] - sum(r["phases"].values())}
+
+    names = list(split(cells[0]))
+    print("\n| K | layout | " + " | ".join(names) + " | step (s) |")
+    print("|---|---|" + "---|" * (len(names) + 1))
     for r in cells:
-        base = next((b for b in cells if b["k"] == r["k"] and b["layout"] == "padded"), None)
-        other = r["step_time_s"] - sum(r["phases"].values())
-        parts = []
-        for n, sec in [*r["phases"].items(), ("other", other)]:
-            ref = (base["step_time_s"] - sum(base["phases"].values())) if n == "other" and base else (base or {}).get("phases", {}).get(n)
-            parts.append(f"{sec:.2f}" + (f" ({ref / sec:.2f}x)" if ref and sec > 0 and base is not r else ""))
+        base = padded_of(cells, r["k"])
+        mine, theirs = split(r), split(base) if base else {}
+        parts = [f"{mine[n]:.2f}" + (f" ({theirs[n] / mine[n]:.2f}x)" if base is not r and theirs.get(n) and mine[n] > 0 else "")
+                 for n in names]
         print(f"| {r['k']} | {r['layout']} | " + " | ".join(parts) + f" | {r['step_time_s']:.2f} |")
 
 
@@ -205,7 +213,7 @@ def compute_table(results: list[dict]) -> None:
           "added by ZeRO-3 over 2 processes (s) |")
     print("|---|---|---|---|---|---|---|")
     for r in cells:
-        base = next((b for b in cells if b["k"] == r["k"] and b["layout"] == "padded"), None)
+        base = padded_of(cells, r["k"])
         c = r["compute_only"]["step_time_s"]
         speed = base["compute_only"]["step_time_s"] / c if base else float("nan")
         bound = r.get("token_bound", float("nan"))

@@ -15,6 +15,11 @@ import torch
 PHASES = ("policy_forward", "reference", "backward", "optimizer")
 
 
+def metric_name(phase: str) -> str:
+    """The metrics-row key of a phase's seconds: time/<phase>_s."""
+    return f"time/{phase}_s"
+
+
 def phase_timing_enabled(setting: str, device: torch.device) -> bool:
     """`train.phase_times`: on, off, or auto (on where timing costs nothing: a CPU device)."""
     return setting == "on" or (setting == "auto" and device.type == "cpu")
@@ -55,4 +60,4 @@ class PhaseTimer:
 
     def seconds(self) -> dict[str, float]:
         """{"time/<phase>_s": seconds} for this step; empty when disabled."""
-        return {f"time/{p}_s": s for p, s in self._totals.items()} if self.enabled else {}
+        return {metric_name(p): s for p, s in self._totals.items()} if self.enabled else {}
