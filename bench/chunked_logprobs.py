@@ -5,8 +5,9 @@
 Both compute sum over response positions of log p(token) from hidden states [tokens, hidden] through an
 LM head [vocab, hidden], then backward. "full" materialises [tokens, vocab] logits and log_softmax (the
 textbook way); "chunked" is sempa_dist.logprobs. Two cases: a trainable head (full fine-tuning:
-gradients for hidden states and head; chunks are checkpointed) and a frozen head (LoRA, SemPA's
-usual setup: gradients for hidden states only; each chunk's input gradient is taken in the forward). Each variant runs in a fresh subprocess;
+gradients for hidden states and head; every chunk but the last is checkpointed, and each builds its
+logit gradient in place) and a frozen head (LoRA, SemPA's usual setup: gradients for hidden states
+only; each chunk's input gradient is taken in the forward). Each variant runs in a fresh subprocess;
 its peak memory is the growth of the process's peak RSS over the baseline once the inputs exist.
 """
 
@@ -46,14 +47,14 @@ def child(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repeat
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times, value = [], 0.0
     for _ in range(repeats):
-        h.grad = None
+        h.grad = head.weight.grad = None  # each repeat is a step after zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         out = fn()
         out.backward()
         times.append(time.perf_counter() - t0)
         value = float(out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    head_grad = float(head.weight.grad.norm()) / repeats if not frozen else 0.0  # accumulated over repeats
+    head_grad = float(head.weight.grad.norm()) if not frozen else 0.0
     return {"variant": variant, "frozen_head": frozen, "chunk": chunk if variant != "full" else None,
             "time_s": min(times), "peak_extra_mb": peak - base, "value": value,
             "grad_norm": float(h.grad.norm()), "head_grad_norm": head_grad}

@@ -2,9 +2,10 @@
 
 Only positions whose next token is a response token are scored (a SemPA sequence is mostly
 prompt, so this alone skips most of the LM-head work). Those positions go through the LM head in
-chunks of ``chunk_tokens``; under autograd each chunk is checkpointed, so backward recomputes
-one chunk's logits at a time instead of keeping them all. The LM head is called as a module, so
-under ZeRO-3 its partitioned weight is gathered by DeepSpeed's hooks in forward and recompute.
+chunks of ``chunk_tokens``, so at most one chunk's [chunk, vocab] logits exist at a time: a frozen
+head takes each chunk's input gradient in forward; a trainable head recomputes all chunks but the
+last in backward. The LM head is called as a module, so under ZeRO-3 its partitioned weight is
+gathered by DeepSpeed's hooks in forward and recompute.
 """
 
 from __future__ import annotations
@@ -21,30 +22,57 @@ from sempa_dist.attention import attention_inputs
 from sempa_dist.packing import PackedBatch
 
 
+def _logprob_grad_(buf: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor,
+                   scale: torch.Tensor | None = None) -> torch.Tensor:
+    """d (scale_i * lp_i) / d logits_i = scale_i * (onehot(ids_i) - softmax(logits_i)), built IN PLACE in
+    the fp32 logits `buf` (consumed): no [chunk, vocab] allocation beyond the logits themselves."""
+    rows = torch.arange(buf.shape[0], device=buf.device)
+    d = buf.sub_(lse.unsqueeze(-1)).exp_()
+    if scale is None:
+        d.neg_()
+        d[rows, ids] += 1
+    else:
+        d.mul_(-scale.unsqueeze(-1))
+        d[rows, ids] += scale
+    return d
+
+
+class _LogprobsOfLogits(torch.autograd.Function):
+    """lp_i = logits_i[ids_i] - logsumexp(logits_i), whose backward builds d lp / d logits in place in
+    the saved logits (autograd through gather and logsumexp makes three to four [chunk, vocab] tensors).
+    The saved logits are consumed, so a graph through it is good for one backward only, as under the
+    per-chunk checkpoint, which recomputes the logits for that one backward."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        buf = logits.float()
+        lse = torch.logsumexp(buf, dim=-1)
+        ctx.save_for_backward(logits, ids, lse)
+        return buf.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, ids, lse = ctx.saved_tensors
+        return _logprob_grad_(logits.float(), lse, ids, grad).to(logits.dtype), None
+
+
 def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    # gather - logsumexp: one [chunk, vocab] tensor instead of log_softmax's second one
-    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _LogprobsOfLogits.apply(head(hidden), ids)
 
 
 def _frozen_head_chunk(head: nn.Module, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """One chunk through a frozen head, with d logp / d hidden taken right away (one backward
     matmul, as full logits would need) so nothing of [chunk, vocab] survives the chunk. The result
-    carries that gradient by linearisation: lp + <h - sg(h), g> has value lp and gradient g.
-
-    d lp_i / d logits_i = onehot(ids_i) - softmax(logits_i), built in place in the logits buffer:
-    one [chunk, vocab] allocation per chunk instead of autograd's several."""
+    carries that gradient by linearisation: lp + <h - sg(h), g> has value lp and gradient g."""
     with torch.enable_grad():
         leaf = h.detach().requires_grad_(True)
         logits = head(leaf)  # the module call: ZeRO-3 gathers the weight here and in its backward
         with torch.no_grad():
             # fp32: the logits' own storage (the linear layer saved its input and weight, not its output)
             buf = logits.detach().float()
-            rows = torch.arange(buf.shape[0], device=buf.device)
-            lse = torch.logsumexp(buf, dim=-1, keepdim=True)
-            lp = buf[rows, ids] - lse.squeeze(-1)
-            dlogits = buf.sub_(lse).exp_().neg_()  # -softmax, in place
-            dlogits[rows, ids] += 1
+            lse = torch.logsumexp(buf, dim=-1)
+            lp = buf.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+            dlogits = _logprob_grad_(buf, lse, ids)
         (g,) = torch.autograd.grad(logits, leaf, grad_outputs=dlogits.to(logits.dtype))
     return lp + ((h - h.detach()) * g).sum(-1).float()
 
@@ -56,8 +84,11 @@ def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Mod
     `chunks`: split into exactly this many near-equal pieces (empty ones too) instead; it must be at
     least ceil(N / chunk_tokens). Under ZeRO-3 every rank must call the head the same number of times
     (see SequenceScorer). Under autograd: a frozen head (LoRA, the usual SemPA setup) gets its input
-    gradient in the forward pass (same FLOPs as full logits, chunk-sized memory); a trainable head is
-    checkpointed per chunk (one extra head matmul in backward, in exchange for chunk-sized memory)."""
+    gradient in the forward pass (same FLOPs as full logits, chunk-sized memory); a trainable head
+    keeps the LAST chunk's logits for backward and checkpoints the others (one extra head matmul each
+    in backward). Backward reaches the last chunk first (autograd runs the newest ready node first) and
+    consumes its logits in place, so at most one chunk of logits is held at a time; a micro-batch whose
+    scored tokens fit one chunk (the usual SemPA case) recomputes nothing."""
     n = hidden.shape[0]
     chunks = math.ceil(n / chunk_tokens) if chunks is None else chunks
     if chunks * chunk_tokens < n:
@@ -67,10 +98,11 @@ def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Mod
     parts = []
     grad = torch.is_grad_enabled() and hidden.requires_grad
     frozen = not any(p.requires_grad for p in head.parameters())
-    for h, t in zip(torch.tensor_split(hidden, chunks), torch.tensor_split(ids, chunks), strict=True):
+    pieces = zip(torch.tensor_split(hidden, chunks), torch.tensor_split(ids, chunks), strict=True)
+    for i, (h, t) in enumerate(pieces):
         if grad and frozen:
             parts.append(_frozen_head_chunk(head, h, t))
-        elif grad:
+        elif grad and i < chunks - 1:
             parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
         else:
             parts.append(_chunk_logprobs(head, h, t))

@@ -52,6 +52,27 @@ def test_chunking_bounds_the_logits_tensor():
     assert max(seen) <= 10 and sum(seen) == len(batch.score_pos)
 
 
+def test_a_trainable_head_holds_at_most_one_chunk_of_logits_for_backward():
+    """Between forward and backward (where the trainer runs the reference model) a trainable head keeps
+    the last chunk's logits only: the other chunks are checkpointed and recomputed one at a time."""
+    head = torch.nn.Linear(32, 97, bias=False)
+    hidden = torch.randn(25, 32, requires_grad=True)
+    ids = torch.randint(0, 97, (25,))
+    held: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != head.weight.untyped_storage().data_ptr():  # the weight is no activation
+            held.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = chunked_token_logprobs(hidden, ids, head, 10)
+    vocab_rows = [s[0] for s in held if len(s) == 2 and s[1] == 97]
+    assert vocab_rows == [8]  # the last of 3 chunks (9, 8, 8): its logits, saved once
+    lp.sum().backward()
+    assert hidden.grad is not None and head.weight.grad is not None
+
+
 def test_empty_selection_and_dummy_batch():
     model = tiny_model("llama")
     out = chunked_token_logprobs(torch.zeros(0, 32), torch.zeros(0, dtype=torch.long), model.lm_head, 4)
@@ -114,8 +135,9 @@ def test_a_fixed_chunk_count_with_empty_chunks_changes_nothing_but_the_head_call
         (sums * torch.arange(1.0, 5.0)).sum().backward()
         torch.testing.assert_close(sums, ref, atol=1e-5, rtol=1e-6)
         assert_grads_close(model, ref_grads)
-        forward_calls = calls[: n + 3]  # a trainable head's chunks run again in backward (checkpointed)
+        forward_calls = calls[: n + 3]  # a trainable head's chunks but the last run again in backward
         assert len(forward_calls) == n + 3 and sorted(forward_calls) == [0, 0, 0] + [1] * n
+        assert len(calls) == (n + 3 if frozen else 2 * (n + 3) - 1)
     try:
         chunked_token_logprobs(torch.zeros(9, 32), torch.zeros(9, dtype=torch.long), model.lm_head, 4, chunks=2)
     except ValueError as e:
