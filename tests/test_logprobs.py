@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from sempa_dist import logprobs
 from sempa_dist.logprobs import SequenceScorer, chunked_token_logprobs, sequence_logprobs
 from sempa_dist.packing import build_batch
 from tests.tiny import random_examples, tiny_model
@@ -71,6 +73,27 @@ def test_a_trainable_head_holds_at_most_one_chunk_of_logits_for_backward():
     assert vocab_rows == [8]  # the last of 3 chunks (9, 8, 8): its logits, saved once
     lp.sum().backward()
     assert hidden.grad is not None and head.weight.grad is not None
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_softmax_blocks_of_rows_give_full_logits_values_and_gradients(monkeypatch, frozen):
+    """The in-place softmax runs over cache-sized blocks of rows (about 85 rows at vocab 49k); with a
+    tiny vocab, shrink the block to 3 rows so 10 positions span four blocks, the last one partial."""
+    monkeypatch.setattr(logprobs, "_BLOCK_ELEMENTS", 97 * 3)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 97, bias=False).requires_grad_(not frozen)
+    hidden = torch.randn(10, 32, requires_grad=True)
+    ids, weights = torch.randint(0, 97, (10,)), torch.randn(10)
+    ref = head(hidden).log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    ref_grads = (hidden.grad.clone(), None if frozen else head.weight.grad.clone())
+    hidden.grad = head.weight.grad = None
+    lp = chunked_token_logprobs(hidden, ids, head, 7)  # two chunks: 5 + 5 rows, each two blocks
+    (lp * weights).sum().backward()
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(hidden.grad, ref_grads[0], atol=1e-6, rtol=1e-5)
+    if not frozen:
+        torch.testing.assert_close(head.weight.grad, ref_grads[1], atol=1e-6, rtol=1e-5)
 
 
 def test_empty_selection_and_dummy_batch():
