@@ -184,7 +184,9 @@ def padded_of(cells: list[dict], k: int) -> dict | None:
 
 def phase_table(results: list[dict]) -> None:
     """Where a step's time goes, per cell (rank 0, medians): each phase's seconds and its speed-up over the
-    padded cell's same phase; "other" is the rest of the step (batch building, metrics, the all-reduce)."""
+    padded cell's same phase; "other" is the rest of the step (batch building, metrics, the all-reduce):
+    the median step less the phases' medians, which do not add up exactly, so it gets no speed-up and
+    can be a little below zero."""
     cells = [r for r in results if r.get("phases")]
     if not cells:
         return
@@ -198,7 +200,7 @@ def phase_table(results: list[dict]) -> None:
     for r in cells:
         base = padded_of(cells, r["k"])
         mine, theirs = split(r), split(base) if base else {}
-        parts = [f"{mine[n]:.2f}" + (f" ({theirs[n] / mine[n]:.2f}x)" if base is not r and theirs.get(n) and mine[n] > 0 else "")
+        parts = [f"{mine[n]:.2f}" + (f" ({theirs[n] / mine[n]:.2f}x)" if base is not r and n != "other" and theirs.get(n) and mine[n] > 0 else "")
                  for n in names]
         print(f"| {r['k']} | {r['layout']} | " + " | ".join(parts) + f" | {r['step_time_s']:.2f} |")
 

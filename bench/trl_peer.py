@@ -4,7 +4,8 @@
     SEMPA_DATA_DIR=../shared/data python bench/trl_peer.py [--steps 4] [--batch 16] [--out bench/trl_peer.json]
 
 Same model (SmolLM2-135M-Instruct, fp32), data (the first steps x batch SNLI dev triplets, prompts
-rendered by sempa_dist with the chat template), beta 0.1, LoRA r8 alpha 32 on all linear layers,
+rendered by sempa_dist with the chat template; TRL reads them in sempa-dist's first-epoch order, so
+step 1 is the same batch for both), beta 0.1, LoRA r8 alpha 32 on all linear layers,
 global batch, learning rate, one machine. TRL runs in one process (its reference = the LoRA base
 with adapters disabled); sempa-dist runs its default (ZeRO-3, 2 processes, offloaded reference engine)
 and, for the like-for-like reference, `ref.mode=adapter`. Real tokens/s counts prompt + response
@@ -45,20 +46,27 @@ def trl_cell(name: str, padding_free: bool, a: argparse.Namespace, work: Path) -
 
     from sempa_dist.config import load_config
     from sempa_dist.data import load_triplets
-    from sempa_dist.data.tokenize import render_prompt
+    from sempa_dist.data.tokenize import render_prompt, tokenize_triplets
     from sempa_dist.models import load_tokenizer, resolve_model
+    from sempa_dist.train import epoch_order
 
     model_name = [f"model.name={a.model}"] if getattr(a, "model", None) else []
     cfg = load_config(REPO / "configs" / "smollm2_demo.yaml", [f"data.max_examples={a.batch * a.steps}", *model_name])
     tok = load_tokenizer(cfg.model.name)
     rows, _ = load_triplets(cfg.data, seed=cfg.train.seed)
-    ds = Dataset.from_list([{"prompt": render_prompt(tok, r["anchor"], cfg.data), "chosen": r["chosen"],
-                             "rejected": r["rejected"][0]} for r in rows])
+    # TRL reads the triplets in sempa-dist's first-epoch order, sequentially, so both trainers' step 1 is
+    # the same batch and its chosen log-probs can be compared (with TRL's own shuffle they could not)
+    if len(tokenize_triplets(rows, tok, cfg.data)[0]) != len(rows):
+        raise SystemExit("sempa-dist dropped triplets in tokenising: its example order no longer indexes the rows")
+    order = epoch_order(len(rows), cfg.train.seed, 0)
+    ds = Dataset.from_list([{"prompt": render_prompt(tok, rows[i]["anchor"], cfg.data), "chosen": rows[i]["chosen"],
+                             "rejected": rows[i]["rejected"][0]} for i in order])
     model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name), dtype=torch.float32)
     args = DPOConfig(output_dir=str(work / name), per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                      max_steps=a.steps, learning_rate=1e-4, lr_scheduler_type="constant", beta=0.1, logging_steps=1,
                      report_to=[], use_cpu=True, save_strategy="no", padding_free=padding_free, seed=cfg.train.seed,
-                     max_length=cfg.data.max_length, dataloader_drop_last=True)
+                     max_length=cfg.data.max_length, dataloader_drop_last=True,
+                     train_sampling_strategy="sequential")
     lora = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     times: list[float] = []
 
