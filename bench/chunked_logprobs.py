@@ -5,9 +5,10 @@
 Both compute sum over response positions of log p(token) from hidden states [tokens, hidden] through an
 LM head [vocab, hidden], then backward. "full" materialises [tokens, vocab] logits and log_softmax (the
 textbook way); "chunked" is sempa_dist.logprobs. Two cases: a trainable head (full fine-tuning:
-gradients for hidden states and head; every chunk but the last is checkpointed, and each builds its
-logit gradient in place) and a frozen head (LoRA, SemPA's usual setup: gradients for hidden states
-only; each chunk's input gradient is taken in the forward). Each variant runs in a fresh subprocess;
+gradients for hidden states and head; the last chunk's softmax is kept for backward, the others are
+recomputed there, each chunk's logit gradient is built in place and its weight gradient added into one
+buffer) and a frozen head (LoRA, SemPA's usual setup: gradients for hidden states only; each chunk's
+input gradient is taken in the forward). Each variant runs in a fresh subprocess;
 its peak memory is the growth of the process's peak RSS over the baseline once the inputs exist.
 """
 

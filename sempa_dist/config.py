@@ -218,6 +218,9 @@ class Config:
             raise ConfigError(f"data.template: must contain '{{sentence}}', got {d.template!r}")
         if r.mode == "adapter" and not self.model.lora.enabled:
             raise ConfigError("ref.mode: 'adapter' needs model.lora.enabled=true (the reference is the LoRA base with adapters off)")
+        if self.model.lora.enabled and {"lm_head", "embed_tokens"} & set(self.model.lora.target_modules):
+            raise ConfigError(f"model.lora.target_modules: {self.model.lora.target_modules} adapts the LM head or the "
+                              "(possibly tied) embedding; sempa-dist scores tokens through the head's plain weight, chunked")
         if r.offload == "nvme" and not r.nvme_path:
             raise ConfigError("ref.nvme_path: required when ref.offload=nvme")
         if d.source in ("file", "hub") and not d.path:

@@ -133,8 +133,7 @@ def build_policy(cfg: Config, dist: DistInfo, total_steps: int, load_universal: 
         model = get_peft_model(model, peft_lora_config(cfg))
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
-    scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens,
-                            lockstep=True)
+    scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
                                   fused=torch.cuda.is_available())
@@ -178,8 +177,7 @@ class EngineReference:
             raise ConfigError(f"{cfg.deepspeed.ref_config}: the reference config must have no optimizer or scheduler")
         model = _load_causal_lm(ref_cfg, self.ds_config)
         model.requires_grad_(False)
-        scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens,
-                            lockstep=True)
+        scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens)
         self.engine, *_ = deepspeed.initialize(model=scorer, config=self.ds_config)
         self.engine.eval()
 

@@ -3,20 +3,20 @@
 Only positions whose next token is a response token are scored (a SemPA sequence is mostly
 prompt, so this alone skips most of the LM-head work). Those positions go through the LM head in
 chunks of ``chunk_tokens``, so at most one chunk's [chunk, vocab] logits exist at a time: a frozen
-head takes each chunk's input gradient in forward; a trainable head recomputes all chunks but the
-last in backward. The LM head is called as a module, so under ZeRO-3 its partitioned weight is
-gathered by DeepSpeed's hooks in forward and recompute.
+head takes each chunk's input gradient in forward; a trainable head keeps the last chunk's softmax
+and recomputes the others in backward, adding each chunk's weight gradient into one buffer. All
+chunks run inside one module call (``LMHeadLogprobs``), for which ZeRO-3 gathers the head's weight
+once, whatever the number of chunks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from sempa_dist.attention import attention_inputs
 from sempa_dist.packing import PackedBatch
@@ -52,87 +52,139 @@ def _logprob_grad_(probs: torch.Tensor, ids: torch.Tensor, scale: torch.Tensor |
     return probs
 
 
-class _LogprobsOfLogits(torch.autograd.Function):
-    """lp_i = log softmax(logits_i)[ids_i], keeping only the softmax, made in the logits' own buffer, for
-    backward (autograd through gather and logsumexp keeps the logits and makes three to four more
-    [chunk, vocab] tensors). The logits are overwritten: nothing else reads them (the LM head's linear
-    saved its input and weight, not its output). Backward consumes the softmax, so a graph through it
-    is good for one backward, as under the per-chunk checkpoint, which recomputes it for that one."""
+def _softmax_chunk(h: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(log-probs [n], fp32 softmax [n, vocab]) of one chunk; the softmax lives in the logits' own
+    storage when they are fp32 (a bf16 head's logits are copied to fp32 once)."""
+    probs = F.linear(h, weight, bias).float()
+    return _logprobs_and_softmax_(probs, ids), probs
+
+
+@torch.no_grad()
+def _frozen_head_logprobs(hidden: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          chunk_tokens: int, input_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N] and, with `input_grad`, d lp_i / d hidden_i [N, H], taken chunk by chunk in this
+    pass (one matmul each, as full logits' backward would need), so nothing of [chunk, vocab] outlives
+    its chunk."""
+    lps, grads = [], []
+    for h, t in zip(hidden.split(chunk_tokens), ids.split(chunk_tokens), strict=True):
+        lp, probs = _softmax_chunk(h, t, weight, bias)
+        lps.append(lp)
+        if input_grad:
+            grads.append(_logprob_grad_(probs, t).to(weight.dtype) @ weight)
+        del probs  # before the next chunk's logits exist
+    return torch.cat(lps), torch.cat(grads) if input_grad else None
+
+
+class _TrainableHeadLogprobs(torch.autograd.Function):
+    """lp_i = log softmax(hidden_i W^T + b)[ids_i] over all chunks, for a head that trains.
+
+    Forward keeps only the LAST chunk's softmax (backward reaches it first); backward recomputes the
+    other chunks one at a time (a fourth head matmul each) and adds each chunk's weight gradient into
+    one [vocab, hidden] buffer (addmm_), where autograd through per-chunk calls would add a second,
+    newest-chunk buffer into the first. The kept softmax sits on ctx, not in save_for_backward, so
+    backward can free it as soon as it is consumed: at most one chunk of logits exists at any time."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        probs = logits.float()  # in fp32 the logits' own storage
-        lp = _logprobs_and_softmax_(probs, ids)
-        ctx.logits_dtype = logits.dtype
-        ctx.save_for_backward(probs, ids)
-        return lp
+    def forward(ctx, hidden: torch.Tensor, ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                chunk_tokens: int) -> torch.Tensor:
+        lps, probs = [], None
+        for h, t in zip(hidden.split(chunk_tokens), ids.split(chunk_tokens), strict=True):
+            probs = None  # the previous chunk's softmax goes before this chunk's logits are made
+            lp, probs = _softmax_chunk(h, t, weight, bias)
+            lps.append(lp)
+        ctx.save_for_backward(hidden, ids, weight, bias)
+        ctx.last_probs, ctx.chunk_tokens = probs, chunk_tokens
+        return torch.cat(lps)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        probs, ids = ctx.saved_tensors
-        return _logprob_grad_(probs, ids, grad).to(ctx.logits_dtype), None
+    def backward(ctx, grad_lp: torch.Tensor):
+        hidden, ids, weight, bias = ctx.saved_tensors
+        need_h, _, need_w, need_b, _ = ctx.needs_input_grad
+        probs, ctx.last_probs = ctx.last_probs, None
+        c = ctx.chunk_tokens
+        grad_h = hidden.new_empty(hidden.shape) if need_h else None  # contiguous: chunks are written with out=
+        grad_w = grad_b = None
+        starts = list(range(0, hidden.shape[0], c)) or [0]
+        for s in reversed(starts):
+            h, t, g = hidden[s:s + c], ids[s:s + c], grad_lp[s:s + c]
+            if probs is None:  # every chunk but the last: its logits again
+                probs = _softmax_chunk(h, t, weight, bias)[1]
+            d = _logprob_grad_(probs, t, g.float()).to(weight.dtype)
+            if need_h:
+                torch.mm(d, weight, out=grad_h[s:s + c])
+            if need_w:
+                grad_w = d.T @ h if grad_w is None else grad_w.addmm_(d.T, h)
+            if need_b:
+                grad_b = d.sum(0) if grad_b is None else grad_b.add_(d.sum(0))
+            probs = d = None  # freed before the next chunk's logits are made
+        return grad_h, None, grad_w, grad_b, None
 
 
-def _chunk_logprobs(head: nn.Module, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return _LogprobsOfLogits.apply(head(hidden), ids)
+class LMHeadLogprobs(nn.Module):
+    """log p(ids_i | hidden_i) through a linear LM head, in chunks of at most `chunk_tokens` rows.
+
+    A module of its own so that ZeRO-3 gathers the head's partitioned weight once for all chunks: the
+    head's parameters are registered as external parameters of this module, which DeepSpeed then
+    gathers for this module's forward and, for a trainable head, its backward. Every rank calls it once
+    per forward, however many chunks its micro-batch needs (ZeRO-3 requires the same module calls on
+    every rank). The head is not a submodule: its weight belongs to the model (and may be tied to the
+    input embedding)."""
+
+    def __init__(self, head: nn.Module, chunk_tokens: int):
+        super().__init__()
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"the LM head must be a torch.nn.Linear to be chunked, got {type(head).__name__} "
+                            "(peft must not adapt it: keep 'lm_head' out of model.lora.target_modules)")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self._head = (head,)  # a tuple, so nn.Module does not register it as a child
+        self.chunk_tokens = chunk_tokens
+        if hasattr(head.weight, "ds_id"):  # partitioned by zero.Init: have DeepSpeed gather it for this module
+            import deepspeed
+
+            for p in head.parameters(recurse=False):
+                deepspeed.zero.register_external_parameter(self, p)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self._head[0]
+
+    def forward(self, hidden: torch.Tensor, ids: torch.Tensor, input_grad: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs [N], d lp / d hidden [N, H] when `input_grad` else None). A trainable head under
+        autograd returns log-probs with a graph (and no input gradient); otherwise nothing here is
+        recorded by autograd. Use `logprobs`, which picks the call."""
+        w, b = self.head.weight, self.head.bias
+        if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
+            raise RuntimeError(f"LM head weight of shape {tuple(w.shape)} for hidden size {hidden.shape[-1]}: under "
+                               "ZeRO-3 the weight is gathered only if it was partitioned (zero.Init) before this module was built")
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _TrainableHeadLogprobs.apply(hidden, ids, w, b, self.chunk_tokens), None
+        return _frozen_head_logprobs(hidden, ids, w, b, self.chunk_tokens, input_grad)
+
+    def logprobs(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """log p(ids_i | hidden_i) [N], fp32, with gradients for hidden (and a trainable head's weight)."""
+        frozen = not any(p.requires_grad for p in self.head.parameters())
+        if torch.is_grad_enabled() and hidden.requires_grad and frozen:
+            # the input gradient comes out of the forward pass; the module call gets no graph, so
+            # backward has nothing to gather for it. lp + <h - sg(h), g> has value lp and gradient g.
+            lp, g = self(hidden.detach(), ids, input_grad=True)
+            return lp + ((hidden - hidden.detach()) * g).sum(-1).float()
+        return self(hidden, ids)[0]
 
 
-def _frozen_head_chunk(head: nn.Module, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """One chunk through a frozen head, with d logp / d hidden taken right away (one backward
-    matmul, as full logits would need) so nothing of [chunk, vocab] survives the chunk. The result
-    carries that gradient by linearisation: lp + <h - sg(h), g> has value lp and gradient g."""
-    with torch.enable_grad():
-        leaf = h.detach().requires_grad_(True)
-        logits = head(leaf)  # the module call: ZeRO-3 gathers the weight here and in its backward
-        with torch.no_grad():
-            # fp32: the logits' own storage (the linear layer saved its input and weight, not its output)
-            probs = logits.detach().float()
-            lp = _logprobs_and_softmax_(probs, ids)
-            dlogits = _logprob_grad_(probs, ids)
-        (g,) = torch.autograd.grad(logits, leaf, grad_outputs=dlogits.to(logits.dtype))
-    return lp + ((h - h.detach()) * g).sum(-1).float()
+def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Linear, chunk_tokens: int) -> torch.Tensor:
+    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N] through `head`, in chunks of at most
+    `chunk_tokens` rows (see LMHeadLogprobs; this builds one for a plain, unpartitioned head)."""
+    return LMHeadLogprobs(head, chunk_tokens).logprobs(hidden, ids)
 
 
-def chunked_token_logprobs(hidden: torch.Tensor, ids: torch.Tensor, head: nn.Module, chunk_tokens: int,
-                           chunks: int | None = None) -> torch.Tensor:
-    """log p(ids[i] | hidden[i]) for hidden [N, H], ids [N], in chunks of at most `chunk_tokens` rows.
-
-    `chunks`: split into exactly this many near-equal pieces (empty ones too) instead; it must be at
-    least ceil(N / chunk_tokens). Under ZeRO-3 every rank must call the head the same number of times
-    (see SequenceScorer). Under autograd: a frozen head (LoRA, the usual SemPA setup) gets its input
-    gradient in the forward pass (same FLOPs as full logits, chunk-sized memory); a trainable head
-    keeps the LAST chunk's logits for backward and checkpoints the others (one extra head matmul each
-    in backward). Backward reaches the last chunk first (autograd runs the newest ready node first) and
-    consumes its logits in place, so at most one chunk of logits is held at a time; a micro-batch whose
-    scored tokens fit one chunk (the usual SemPA case) recomputes nothing."""
-    n = hidden.shape[0]
-    chunks = math.ceil(n / chunk_tokens) if chunks is None else chunks
-    if chunks * chunk_tokens < n:
-        raise ValueError(f"{chunks} chunks of at most {chunk_tokens} tokens cannot hold {n} tokens")
-    if chunks == 0:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    parts = []
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    frozen = not any(p.requires_grad for p in head.parameters())
-    pieces = zip(torch.tensor_split(hidden, chunks), torch.tensor_split(ids, chunks), strict=True)
-    for i, (h, t) in enumerate(pieces):
-        if grad and frozen:
-            parts.append(_frozen_head_chunk(head, h, t))
-        elif grad and i < chunks - 1:
-            parts.append(checkpoint(_chunk_logprobs, head, h, t, use_reentrant=False))
-        else:
-            parts.append(_chunk_logprobs(head, h, t))
-    return torch.cat(parts)
-
-
-def sequence_logprobs(
-    hidden: torch.Tensor, batch: PackedBatch, head: nn.Module, chunk_tokens: int, chunks: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logprobs(hidden: torch.Tensor, batch: PackedBatch, head: LMHeadLogprobs) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of response-token log-probs and response-token count per sequence: ([S], [S]).
     The same routine serves every layout: the batch's scoring map says which hidden state
     predicts which token (with prefix sharing one prompt position predicts several)."""
     flat = hidden.reshape(-1, hidden.shape[-1])
-    token_lp = chunked_token_logprobs(flat[batch.score_pos], batch.score_ids, head, chunk_tokens, chunks)
+    token_lp = head.logprobs(flat[batch.score_pos], batch.score_ids)
     n = batch.num_sequences
     sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, batch.score_seq, token_lp)
     counts = torch.bincount(batch.score_seq, minlength=n)
@@ -158,25 +210,11 @@ class SequenceScorer(nn.Module):
     hooks see the whole computation, including the LM-head recompute in backward.
     """
 
-    def __init__(self, model: nn.Module, attn_implementation: str, chunk_tokens: int, lockstep: bool = False):
+    def __init__(self, model: nn.Module, attn_implementation: str, chunk_tokens: int):
         super().__init__()
         self.model = model
         self.attn_implementation = attn_implementation
-        self.chunk_tokens = chunk_tokens
-        # inside a ZeRO-3 engine of several ranks: every rank must call every module the same number of
-        # times per forward. DeepSpeed records the order of module calls and checks it across ranks with
-        # a collective; a rank whose micro-batch needs one more LM-head chunk would wait forever
-        # (measured: a hang until the collective timeout). So ranks agree on the chunk count first.
-        self.lockstep = lockstep
-
-    def head_chunks(self, scored: int, device: torch.device) -> int:
-        """LM-head chunks for `scored` positions (at least 1), agreed as the maximum over ranks in lockstep."""
-        chunks = max(1, math.ceil(scored / self.chunk_tokens))
-        if self.lockstep and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            t = torch.tensor([chunks], device=device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            chunks = int(t.item())
-        return chunks
+        self.head_logprobs = LMHeadLogprobs(unwrap_causal_lm(model).get_output_embeddings(), chunk_tokens)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         lm = unwrap_causal_lm(self.model)
@@ -194,11 +232,9 @@ class SequenceScorer(nn.Module):
             ctx = self.model.disable_adapter()
         with ctx:
             hidden = self.hidden_states(batch)
-            head = unwrap_causal_lm(self.model).get_output_embeddings()
-            chunks = self.head_chunks(batch.score_pos.numel(), hidden.device)
-            if batch.num_sequences == 0:  # a dummy micro-batch: its one token through the head, in `chunks` calls
-                first = chunked_token_logprobs(hidden[0, :1], batch.input_ids[0, :1], head, self.chunk_tokens, chunks)
+            if batch.num_sequences == 0:  # a dummy micro-batch: its one token through the head, as its peers' call
+                first = self.head_logprobs.logprobs(hidden[0, :1], batch.input_ids[0, :1])
                 empty = hidden.new_zeros(0, dtype=torch.float32)
                 return Scores(empty, torch.zeros(0, dtype=torch.long, device=hidden.device), first.sum() * 0.0)
-            sums, counts = sequence_logprobs(hidden, batch, head, self.chunk_tokens, chunks)
+            sums, counts = sequence_logprobs(hidden, batch, self.head_logprobs)
             return Scores(sums, counts, sums.sum() * 0.0)

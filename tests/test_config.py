@@ -350,6 +350,8 @@ def test_validate_positive_ints(key, value):
         (["train.keep_checkpoints=0"], "train.keep_checkpoints: must be >= 1, got 0"),
         (["data.template=Paraphrase: {text}"], "data.template: must contain '{sentence}', got 'Paraphrase: {text}'"),
         (["ref.mode=adapter"], "ref.mode: 'adapter' needs model.lora.enabled=true"),
+        (["model.lora.enabled=true", "model.lora.target_modules=[q_proj, lm_head]"],
+         "model.lora.target_modules: ['q_proj', 'lm_head'] adapts the LM head"),
         (["ref.offload=nvme"], "ref.nvme_path: required when ref.offload=nvme"),
         (["data.source=file"], "data.path: required when data.source=file"),
         (["data.source=hub"], "data.path: required when data.source=hub"),
@@ -369,6 +371,7 @@ def test_validate_rules(overrides, message):
     "overrides",
     [
         ["ref.mode=adapter", "model.lora.enabled=true"],
+        ["model.lora.enabled=true", "model.lora.target_modules=[q_proj, v_proj]"],
         ["ref.offload=nvme", "ref.nvme_path=/tmp/nvme"],
         ["data.source=file", "data.path=x.csv"],
         ["loss.label_smoothing=0.1", "loss.type=dpo"],

@@ -166,9 +166,10 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_run):
 
 def test_ranks_needing_different_lm_head_chunk_counts_do_not_hang(tmp_path):
     """LM-head chunks of 4 tokens: the ranks' micro-batches need different numbers of chunks. ZeRO-3
-    checks the order of module calls across ranks with a collective, so before the ranks agreed on a
-    chunk count this run hung until the collective timeout (measured: 30 s, then 'Timed out waiting
-    30000ms'). Now it finishes, with the losses of the default chunking."""
+    checks the order of module calls across ranks with a collective, so when each chunk was a call of
+    the head module this run hung until the collective timeout (measured: 30 s, then 'Timed out waiting
+    30000ms'). Every chunk now runs inside one LMHeadLogprobs call on every rank: it finishes, with the
+    losses of the default chunking (trainable head: its recompute in backward is inside that call too)."""
     common = ["configs/tiny_cpu.yaml", "train.max_steps=3", "train.save_every=0", "train.export=false",
               "tracking.enabled=false", "deepspeed.timeout_s=60"]
     sempa_train(*common, f"train.output_dir={tmp_path / 'small'}", "loss.logprob_chunk_tokens=4", timeout=240)
