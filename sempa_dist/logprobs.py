@@ -149,6 +149,10 @@ class LMHeadLogprobs(nn.Module):
     def head(self) -> nn.Linear:
         return self._head[0]
 
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.head.parameters())
+
     def forward(self, hidden: torch.Tensor, ids: torch.Tensor, input_grad: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probs [N], d lp / d hidden [N, H] when `input_grad` else None). A trainable head under
@@ -158,14 +162,13 @@ class LMHeadLogprobs(nn.Module):
         if w.dim() != 2 or w.shape[1] != hidden.shape[-1]:
             raise RuntimeError(f"LM head weight of shape {tuple(w.shape)} for hidden size {hidden.shape[-1]}: under "
                                "ZeRO-3 the weight is gathered only if it was partitioned (zero.Init) before this module was built")
-        if torch.is_grad_enabled() and w.requires_grad:
+        if torch.is_grad_enabled() and self.trainable:
             return _TrainableHeadLogprobs.apply(hidden, ids, w, b, self.chunk_tokens), None
         return _frozen_head_logprobs(hidden, ids, w, b, self.chunk_tokens, input_grad)
 
     def logprobs(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """log p(ids_i | hidden_i) [N], fp32, with gradients for hidden (and a trainable head's weight)."""
-        frozen = not any(p.requires_grad for p in self.head.parameters())
-        if torch.is_grad_enabled() and hidden.requires_grad and frozen:
+        if torch.is_grad_enabled() and hidden.requires_grad and not self.trainable:
             # the input gradient comes out of the forward pass; the module call gets no graph, so
             # backward has nothing to gather for it. lp + <h - sg(h), g> has value lp and gradient g.
             lp, g = self(hidden.detach(), ids, input_grad=True)
