@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the bench scripts import sempa_dist from this checkout, installed or not
+    sys.path.insert(0, str(REPO))
 
 
 def run_cell(config: str, out: Path, overrides: list[str]) -> list[dict] | list[str]:
