@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from cell import REPO  # also puts this checkout on sys.path for the sempa_dist import
 
 
 def child(variant: str, tokens: int, vocab: int, hidden: int, chunk: int, repeats: int, frozen: bool) -> dict:
     import torch
 
-    sys.path.insert(0, str(REPO))
     from sempa_dist.logprobs import chunked_token_logprobs
 
     torch.manual_seed(0)
