@@ -23,35 +23,34 @@ PHASES = (("reference", "EngineReference.logps"), ("backward", "DeepSpeedEngine.
           ("optimizer", "DeepSpeedEngine.step"), ("policy forward", "DeepSpeedEngine.forward"))
 
 
-def main_thread_stacks(path: str) -> list[tuple[list[str], int]]:
+def main_thread_stacks(path: str) -> list[tuple[str, int]]:
+    """(stack as py-spy wrote it, ``frame;frame;...``, sample count) of the main thread's stacks."""
     stacks = []
     with open(path) as f:
         for line in f:
             stack, _, count = line.rstrip().rpartition(" ")
             if stack.startswith("_run_module_as_main"):  # the main thread; helper threads start elsewhere
-                stacks.append((stack.split(";"), int(count)))
+                stacks.append((stack, int(count)))
     return stacks
 
 
-def bucket(frames: list[str]) -> str:
+def bucket(stack: str) -> str:
     """What a sample's time was spent on: compute, or which part of ZeRO-3's per-step work."""
-    joined = ";".join(frames)
-    if not any(z in joined for z in ZERO_FILES):
+    if not any(z in stack for z in ZERO_FILES):
         return "compute (and the rest)"
-    if "DeepSpeedEngine.step" in joined:
+    if "DeepSpeedEngine.step" in stack:
         return "zero-3: optimizer step"
-    if "fetch_sub_module" in joined:
-        return "zero-3: parameter all-gather" + (" (waiting)" if ".wait " in joined else "")
-    if "release_sub_module" in joined:
+    if "fetch_sub_module" in stack:
+        return "zero-3: parameter all-gather" + (" (waiting)" if ".wait " in stack else "")
+    if "release_sub_module" in stack:
         return "zero-3: parameter release"
-    if "reduce" in joined:
+    if "reduce" in stack:
         return "zero-3: gradient reduce"
     return "zero-3: other module hooks"
 
 
-def phase(frames: list[str]) -> str:
-    joined = ";".join(frames)
-    return next((name for name, marker in PHASES if marker in joined), "other")
+def phase(stack: str) -> str:
+    return next((name for name, marker in PHASES if marker in stack), "other")
 
 
 def main() -> None:
@@ -64,19 +63,19 @@ def main() -> None:
     if not total:
         raise SystemExit(f"{a.profile}: no main-thread samples (was it recorded with --format raw?)")
     by_bucket, by_phase = Counter(), Counter()
-    for frames, n in stacks:
-        b = bucket(frames)
+    for stack, n in stacks:
+        b = bucket(stack)
         by_bucket[b] += n
         if b.startswith("zero-3"):
-            by_phase[phase(frames)] += n
+            by_phase[phase(stack)] += n
     sec = (lambda n: f" | {a.step_s * n / total:.2f}") if a.step_s else (lambda n: "")
-    head = " | seconds a step" if a.step_s else ""
-    print(f"{total} main-thread samples\n\n| where | share{head} |\n|---|---|{'---|' if a.step_s else ''}")
+    head, rule = (" | seconds a step", "|---|---|---|") if a.step_s else ("", "|---|---|")
+    print(f"{total} main-thread samples\n\n| where | share{head} |\n{rule}")
     for name, n in by_bucket.most_common():
         print(f"| {name} | {100 * n / total:.1f} %{sec(n)} |")
     zero = sum(n for b, n in by_bucket.items() if b.startswith("zero-3"))
     print(f"| **zero-3 in all** | **{100 * zero / total:.1f} %**{sec(zero)} |")
-    print(f"\n| ZeRO-3's share, by phase | share{head} |\n|---|---|{'---|' if a.step_s else ''}")
+    print(f"\n| ZeRO-3's share, by phase | share{head} |\n{rule}")
     for name, n in by_phase.most_common():
         print(f"| {name} | {100 * n / total:.1f} %{sec(n)} |")
 
