@@ -35,7 +35,7 @@ def compute_cell(config: str, overrides: list[str], steps: int, warmup: int, wor
         cpu = torch.device("cpu")
         tokenizer, examples, _, _ = prepare_data(cfg, DistInfo(0, 1, 0, cpu, "none"))
         shared = cfg.packing.prefix_sharing == "on"
-        impl = resolve_attn_implementation(cfg.model.attn_implementation)
+        impl = resolve_attn_implementation(cfg.model.attn_implementation, "cpu", torch.float32)
         path = resolve_model(cfg.model.name)
 
         def load():

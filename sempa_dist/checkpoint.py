@@ -101,6 +101,23 @@ def resume_hint(output_dir: str | Path) -> str:
     return f"last complete checkpoint: {last} (train.resume=auto continues from it)" if last else "no checkpoint was completed"
 
 
+def rng_state(device: torch.device) -> dict[str, list[int]]:
+    """The generator states a resumed run needs to continue exactly: the CPU generator's, and on a
+    GPU the device generator's (dropout and any sampling on the device draw from it)."""
+    state = {"torch_rng": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Set the generators rng_state saved (rank 0's, on every rank and any world size). A GPU state is
+    set only on a GPU: a checkpoint written on GPUs resumes on CPUs too, and the reverse."""
+    torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"], dtype=torch.uint8), device)
+
+
 def load(engine, tag_dir: Path, universal: bool = False) -> dict[str, Any]:
     """Collective: restore engine (weights, optimizer, scheduler) and return our trainer state.
     Every file is loaded weights-only (sempa_dist.safe_load): a tampered one raises UnsafeCheckpointError.

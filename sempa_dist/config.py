@@ -52,11 +52,13 @@ class LoraConfig:
 class ModelConfig:
     name: str = _f("tiny-llama", "Registered name (tiny-llama, tiny-qwen2, smollm2-135m-instruct), a local HF directory or a hub id.")
     dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "Training precision; auto = bf16 on GPUs that support it, else fp32.")
-    attn_implementation: Literal["auto", "flash_attention_2", "flex_varlen", "sdpa_varlen", "sdpa", "eager"] = _f(
-        "auto", "Attention kernel; auto = on a GPU with packing.prefix_sharing auto, the fastest of flash-attn varlen "
-        "(no sharing), flex_varlen and sdpa_varlen (with sharing), measured at start; else flash_attention_2 when "
-        "usable, else sdpa_varlen (SDPA per segment). flex_varlen: flex attention with a block mask (GPU for "
-        "training); sdpa/eager: one masked [row, row] attention.")
+    attn_implementation: Literal["auto", "fa2_varlen", "torch_varlen", "sdpa_varlen", "flex_varlen", "sdpa", "eager"] = _f(
+        "auto", "Attention kernel for packed segments. fa2_varlen: flash-attn's varlen kernel; torch_varlen: "
+        "torch's own varlen_attn (torch >= 2.10) - both GPU, bf16/fp16 only; sdpa_varlen: SDPA per segment "
+        "(any device, the reference); flex_varlen: flex attention with a block mask (GPU for training); "
+        "sdpa/eager: one masked [row, row] attention. auto = the usable kernels measured against each other "
+        "at start on a GPU (one decoder layer), else the first usable of fa2_varlen, torch_varlen, "
+        "flex_varlen, sdpa_varlen. The choice is recorded with the run (resolved.yaml, summary.json, MLflow).")
     gradient_checkpointing: bool = _f(False, "Recompute decoder activations in backward (saves memory).")
     lora: LoraConfig = _f(LoraConfig, "LoRA settings.")
 
@@ -88,10 +90,9 @@ class PackingConfig:
     layout: Literal["packed", "padded"] = _f("packed", "packed: sequences concatenated into rows, no padding; padded: one padded row per sequence.")
     max_tokens: int = _f(2048, "Token budget of one micro-batch (one packed row).")
     prefix_sharing: Literal["auto", "on", "off"] = _f(
-        "auto", "Encode each prompt once for its 1 + K responses (sibling responses masked apart); "
-        "auto = on unless the kernel is flash-attn varlen, which cannot mask siblings (on a GPU with "
-        "model.attn_implementation auto: measured against flex_varlen/sdpa_varlen with sharing at start)."
-    )
+        "auto", "Encode each prompt once for its 1 + K responses (sibling responses masked apart; every kernel "
+        "can). auto = on, except on a GPU, where sharing and not sharing are measured with each usable kernel "
+        "at start and the faster is taken.")
 
 
 @dataclass
@@ -225,9 +226,10 @@ class Config:
             raise ConfigError("ref.nvme_path: required when ref.offload=nvme")
         if d.source in ("file", "hub") and not d.path:
             raise ConfigError(f"data.path: required when data.source={d.source}")
-        if p.prefix_sharing == "on" and self.model.attn_implementation == "flash_attention_2":
-            raise ConfigError("packing.prefix_sharing: 'on' cannot run under model.attn_implementation=flash_attention_2 "
-                              "(varlen kernels cannot mask sibling responses); use auto or off")
+        if self.model.attn_implementation in ("fa2_varlen", "torch_varlen") and self.model.dtype == "fp32":
+            raise ConfigError(f"model.attn_implementation: {self.model.attn_implementation} takes bf16/fp16 only, and "
+                              "model.dtype is fp32; set model.dtype to bf16 (or auto), or model.attn_implementation to "
+                              "sdpa_varlen or auto")
         if d.max_length * (1 + d.num_rejected) > p.max_tokens:  # the step planner budgets both layouts alike
             raise ConfigError(
                 f"packing.max_tokens: {p.max_tokens} cannot hold one example (1 + data.num_rejected={d.num_rejected} "

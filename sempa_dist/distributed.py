@@ -53,9 +53,23 @@ def _map_slurm_env() -> None:
     env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+def device_type() -> str:
+    """Where this process computes: ``SEMPA_DEVICE`` (cpu | cuda | auto, default auto = cuda when a
+    GPU is visible). cpu on a GPU machine runs CPU ranks over gloo, e.g. the test suite's 2-process
+    runs on a one-GPU host."""
+    want = os.environ.get("SEMPA_DEVICE", "auto").strip().lower() or "auto"
+    if want not in ("auto", "cpu", "cuda"):
+        raise RuntimeError(f"SEMPA_DEVICE: expected cpu, cuda or auto, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("SEMPA_DEVICE=cuda, but torch sees no CUDA GPU here")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
 def setup_accelerator_env() -> None:
-    """DeepSpeed picks its accelerator at import; on a machine without CUDA make it the CPU one."""
-    if not torch.cuda.is_available():
+    """DeepSpeed picks its accelerator at import: make it the CPU one where this process runs on CPU."""
+    if device_type() == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -68,7 +82,7 @@ def init_distributed(timeout_s: int) -> DistInfo:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         env.setdefault("MASTER_PORT", str(free_port()))
     rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device_type() == "cuda":
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:

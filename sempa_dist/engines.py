@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from collections.abc import Callable
@@ -21,9 +20,9 @@ from typing import Any
 
 import torch
 
-from sempa_dist.attention import resolve_attn_implementation
 from sempa_dist.config import Config, ConfigError
 from sempa_dist.distributed import DistInfo
+from sempa_dist.kernel_choice import AttentionChoice
 from sempa_dist.logprobs import SequenceScorer
 from sempa_dist.models import resolve_model
 from sempa_dist.packing import PackedBatch
@@ -31,12 +30,13 @@ from sempa_dist.packing import PackedBatch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def training_dtype(cfg: Config) -> torch.dtype:
+def training_dtype(cfg: Config, device_type: str) -> torch.dtype:
+    """model.dtype resolved for this device: auto = bf16 on a GPU that supports it, else fp32."""
     if cfg.model.dtype == "bf16":
         return torch.bfloat16
     if cfg.model.dtype == "fp32":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def load_ds_config(path: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -63,9 +63,9 @@ def fill_auto(node: Any, values: dict[str, Any], where: str, key: str = "") -> A
     return node
 
 
-def _auto_values(cfg: Config, hidden: int, world: int, reference: bool) -> dict[str, Any]:
-    bf16 = training_dtype(cfg) == torch.bfloat16
-    cuda = torch.cuda.is_available()
+def _auto_values(cfg: Config, hidden: int, dist: DistInfo, dtype: torch.dtype, reference: bool) -> dict[str, Any]:
+    bf16, world = dtype == torch.bfloat16, dist.world_size
+    cuda = dist.device.type == "cuda"
     offload = cfg.ref.offload
     return {
         "train_batch_size": world,  # one packed micro-batch per rank per micro-step; see train.py
@@ -88,16 +88,14 @@ def _hidden_size(model_path: Path | str) -> int:
     return int(getattr(c, "hidden_size", None) or c.get_text_config().hidden_size)
 
 
-def _load_causal_lm(cfg: Config, ds_config: dict[str, Any]) -> torch.nn.Module:
+def _load_causal_lm(cfg: Config, ds_config: dict[str, Any], attn: str, dtype: torch.dtype) -> torch.nn.Module:
     """from_pretrained under zero.Init: each rank materialises only its partition."""
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     path = resolve_model(cfg.model.name)
     dschf = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive => from_pretrained uses zero.Init
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=training_dtype(cfg), attn_implementation=resolve_attn_implementation(cfg.model.attn_implementation)
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
     del dschf  # later from_pretrained calls (export, eval tools) must not partition
     return model
 
@@ -111,19 +109,21 @@ def peft_lora_config(cfg: Config):
     return LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets, task_type="CAUSAL_LM")
 
 
-def build_policy(cfg: Config, dist: DistInfo, total_steps: int, load_universal: bool = False):
-    """The trainable policy as a ZeRO-3 engine, with AdamW and a warmup + decay schedule.
+def build_policy(cfg: Config, dist: DistInfo, total_steps: int, attn: AttentionChoice, dtype: torch.dtype,
+                 load_universal: bool = False):
+    """The trainable policy as a ZeRO-3 engine, with AdamW and a warmup + decay schedule, scoring with
+    the attention kernel `attn.impl` in `dtype` (both decided at start, see kernel_choice).
 
     `load_universal`: the engine will resume from a universal checkpoint (one written on another
     world size); DeepSpeed reads that choice from the engine's config when it loads."""
     import deepspeed
 
     path = resolve_model(cfg.model.name)
-    ds_config = load_ds_config(cfg.deepspeed.policy_config, _auto_values(cfg, _hidden_size(path), dist.world_size, False))
+    ds_config = load_ds_config(cfg.deepspeed.policy_config, _auto_values(cfg, _hidden_size(path), dist, dtype, False))
     if load_universal:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     torch.manual_seed(cfg.train.seed)
-    model = _load_causal_lm(cfg, ds_config)
+    model = _load_causal_lm(cfg, ds_config, attn.impl, dtype)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora.enabled:
@@ -133,10 +133,10 @@ def build_policy(cfg: Config, dist: DistInfo, total_steps: int, load_universal: 
         model = get_peft_model(model, peft_lora_config(cfg))
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
-    scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens)
+    scorer = SequenceScorer(model, attn.impl, cfg.loss.logprob_chunk_tokens)
     params = [p for p in scorer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay,
-                                  fused=torch.cuda.is_available())
+                                  fused=dist.device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, optimizer, _, schedule = deepspeed.initialize(
         model=scorer, optimizer=optimizer, lr_scheduler=schedule, config=ds_config,
@@ -166,18 +166,16 @@ def lr_lambda(cfg: Config, total_steps: int) -> Callable[[int], float]:
 class EngineReference:
     """A separate frozen ZeRO-3 engine: no optimizer, no grads, eval mode, parameters offloaded."""
 
-    def __init__(self, cfg: Config, dist: DistInfo):
+    def __init__(self, cfg: Config, dist: DistInfo, attn: str, dtype: torch.dtype):
         import deepspeed
 
         path = resolve_model(cfg.model.name)
-        ref_cfg = copy.deepcopy(cfg)
-        ref_cfg.model.gradient_checkpointing = False
-        self.ds_config = load_ds_config(cfg.deepspeed.ref_config, _auto_values(cfg, _hidden_size(path), dist.world_size, True))
+        self.ds_config = load_ds_config(cfg.deepspeed.ref_config, _auto_values(cfg, _hidden_size(path), dist, dtype, True))
         if "optimizer" in self.ds_config or "scheduler" in self.ds_config:
             raise ConfigError(f"{cfg.deepspeed.ref_config}: the reference config must have no optimizer or scheduler")
-        model = _load_causal_lm(ref_cfg, self.ds_config)
+        model = _load_causal_lm(cfg, self.ds_config, attn, dtype)
         model.requires_grad_(False)
-        scorer = SequenceScorer(model, resolve_attn_implementation(cfg.model.attn_implementation), cfg.loss.logprob_chunk_tokens)
+        scorer = SequenceScorer(model, attn, cfg.loss.logprob_chunk_tokens)
         self.engine, *_ = deepspeed.initialize(model=scorer, config=self.ds_config)
         self.engine.eval()
 
@@ -216,17 +214,18 @@ class PrecomputedReference:
         return self.sums[ids].reshape(-1), self.counts[ids].reshape(-1)
 
 
-def reference_fingerprint(cfg: Config, data_fp: str) -> str:
+def reference_fingerprint(cfg: Config, data_fp: str, attn: str, dtype: torch.dtype) -> str:
     """Data (rows + tokenizer + template + length policy) + model + precision identify the table."""
     import hashlib
 
     path = resolve_model(cfg.model.name)
     weights = sorted(Path(path).glob("*.safetensors")) if Path(str(path)).is_dir() else []
-    stamp = [str(path), cfg.model.dtype, cfg.data.num_rejected] + [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
+    stamp = [str(path), attn, str(dtype), cfg.data.num_rejected] + [(w.name, w.stat().st_size, w.stat().st_mtime_ns) for w in weights]
     return hashlib.sha256(json.dumps([data_fp, stamp]).encode()).hexdigest()[:20]
 
 
-def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) -> PrecomputedReference:
+def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str, attn: AttentionChoice,
+                         dtype: torch.dtype) -> PrecomputedReference:
     """Score every example once with an offloaded reference engine, sharded over ranks, and cache it.
 
     Ranks split the examples with the same planner as training (equal micro-step counts, so the
@@ -238,7 +237,7 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) ->
     from sempa_dist.packing import build_batch, example_tokens, plan_step
 
     cache_dir = Path(cfg.ref.cache_dir) if cfg.ref.cache_dir else Path(cfg.train.output_dir).parent / "ref_cache"
-    path = cache_dir / f"ref-{reference_fingerprint(cfg, data_fp)}.pt"
+    path = cache_dir / f"ref-{reference_fingerprint(cfg, data_fp, attn.impl, dtype)}.pt"
     if path.is_file():
         table = torch.load(path, weights_only=True)
         return PrecomputedReference(table["sums"], table["counts"])
@@ -246,9 +245,9 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) ->
     n = max(ex.index for ex in examples) + 1  # indexed by dataset position (dropped rows leave gaps)
     sums = torch.zeros(n, k1, dtype=torch.float64)
     counts = torch.zeros(n, k1, dtype=torch.float64)
-    ref = EngineReference(cfg, dist)
+    ref = EngineReference(cfg, dist, attn.impl, dtype)
     by_pos = {i: ex for i, ex in enumerate(examples)}
-    shared = prefix_sharing(cfg)
+    shared = attn.sharing
     sizes = [example_tokens(ex, shared) for ex in examples]
     plan = plan_step(sizes, dist.world_size, cfg.packing.max_tokens)[dist.rank]
     for micro in tqdm(plan, desc="reference log-probs", disable=not dist.is_main):
@@ -270,17 +269,11 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str) ->
     return PrecomputedReference(sums, counts)
 
 
-def prefix_sharing(cfg: Config) -> bool:
-    """Whether batches share each prompt among its responses (packing.prefix_sharing, resolved)."""
-    from sempa_dist.attention import resolve_attn_implementation
-    from sempa_dist.packing import resolve_prefix_sharing
-
-    return resolve_prefix_sharing(cfg.packing.prefix_sharing, resolve_attn_implementation(cfg.model.attn_implementation))
-
-
-def build_reference(cfg: Config, dist: DistInfo, policy_engine, examples, data_fp: str):
+def build_reference(cfg: Config, dist: DistInfo, policy_engine, examples, data_fp: str, attn: AttentionChoice,
+                    dtype: torch.dtype):
+    """The reference of `ref.mode`, scoring with the run's attention kernel and dtype."""
     if cfg.ref.mode == "adapter":
         return AdapterReference(policy_engine)
     if cfg.ref.mode == "precomputed":
-        return precompute_reference(cfg, dist, examples, data_fp)
-    return EngineReference(cfg, dist)
+        return precompute_reference(cfg, dist, examples, data_fp, attn, dtype)
+    return EngineReference(cfg, dist, attn.impl, dtype)

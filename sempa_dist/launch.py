@@ -33,7 +33,7 @@ from pathlib import Path
 from sempa_dist.redaction import is_secret_name
 
 # Variables copied to the remote ranks when set here: exact names and prefixes.
-ENV_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "DS_ACCELERATOR", "CUDA_DEVICE_MAX_CONNECTIONS",
+ENV_NAMES = ("PYTHONPATH", "OMP_NUM_THREADS", "DS_ACCELERATOR", "SEMPA_DEVICE", "CUDA_DEVICE_MAX_CONNECTIONS",
              "PYTORCH_CUDA_ALLOC_CONF", "TOKENIZERS_PARALLELISM")
 ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "FI_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "MLFLOW_", "SEMPA_")
 # Names that look like credentials (redaction.is_secret_name) are never copied unless asked for by

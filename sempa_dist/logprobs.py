@@ -220,7 +220,12 @@ class SequenceScorer(nn.Module):
         self.head_logprobs = LMHeadLogprobs(unwrap_causal_lm(model).get_output_embeddings(), chunk_tokens)
 
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+        """The decoder's last hidden states [rows, length, hidden] for `batch`, under this scorer's kernel."""
         lm = unwrap_causal_lm(self.model)
+        # the batch's attention inputs are built for this scorer's kernel; a model running another one
+        # would read them as something else and give wrong log-probs without an error: switch it
+        if lm.config._attn_implementation != self.attn_implementation:
+            lm.set_attn_implementation(self.attn_implementation)
         kw = attention_inputs(batch, self.attn_implementation, dtype=next(lm.parameters()).dtype)
         return lm.get_decoder()(input_ids=batch.input_ids, use_cache=False, **kw).last_hidden_state
 

@@ -42,6 +42,7 @@ class PackedBatch:
     score_ids: torch.Tensor  # [N]: ... this response token ...
     score_seq: torch.Tensor  # [N]: ... of this sequence (example-major numbering)
     seq_lens: list[list[int]]  # per row, the lengths of its segments in order (padded rows: [real length])
+    runs: list[list[list[int]]]  # per row and segment, its runs: [length], or with prefix sharing [prompt, response 0, ...]
     cu_seqlens: torch.Tensor  # int32 [segments + 1]: segment starts in the flattened packed row(s)
     example_ids: list[int]  # dataset index of each example in this micro-batch
     responses_per_example: int  # 1 + K
@@ -76,14 +77,14 @@ def example_tokens(ex: TokenizedExample, prefix_sharing: bool) -> int:
 
 
 def _segments(ex: TokenizedExample, first_seq: int, prefix_sharing: bool):
-    """Yield (token ids, positions, branches, [(local position, target id, sequence)]) per segment."""
+    """Yield (token ids, positions, branches, [(local position, target id, sequence)], run lengths) per segment."""
     p = ex.prompt_ids
     if not prefix_sharing:
         for r, resp in enumerate(ex.responses):
             ids = p + resp
             # position i predicts token i + 1: the last prompt position predicts the first response token
             scores = [(len(p) - 1 + t, tok, first_seq + r) for t, tok in enumerate(resp)]
-            yield ids, list(range(len(ids))), [0] * len(ids), scores
+            yield ids, list(range(len(ids))), [0] * len(ids), scores, [len(ids)]
         return
     ids, pos, branch, scores = list(p), list(range(len(p))), [0] * len(p), []
     for r, resp in enumerate(ex.responses):
@@ -94,7 +95,7 @@ def _segments(ex: TokenizedExample, first_seq: int, prefix_sharing: bool):
         ids += resp
         pos += range(len(p), len(p) + len(resp))
         branch += [r + 1] * len(resp)
-    yield ids, pos, branch, scores
+    yield ids, pos, branch, scores, [len(p), *(len(r) for r in ex.responses)]
 
 
 def build_batch(
@@ -111,7 +112,7 @@ def build_batch(
         raise ValueError("all examples of a batch need the same number of responses")
     segs = [seg for e, ex in enumerate(examples) for seg in _segments(ex, e * k1, prefix_sharing)]
     if not segs:
-        segs = [([pad_id], [0], [0], [])]
+        segs = [([pad_id], [0], [0], [], [1])]
     rows = [segs] if layout == "packed" else [[seg] for seg in segs]
     length = max(sum(len(seg[0]) for seg in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -121,7 +122,7 @@ def build_batch(
     seq_lens: list[list[int]] = []
     for r, row in enumerate(rows):
         off, lens = 0, []
-        for ids, pos, br, scores in row:
+        for ids, pos, br, scores, _ in row:
             n = len(ids)
             input_ids[r, off : off + n] = torch.tensor(ids)
             position_ids[r, off : off + n] = torch.tensor(pos)
@@ -142,19 +143,11 @@ def build_batch(
     return PackedBatch(
         input_ids=input_ids, position_ids=position_ids, branch=branch,
         score_pos=torch.tensor(score_pos, dtype=torch.long), score_ids=torch.tensor(score_ids, dtype=torch.long),
-        score_seq=torch.tensor(score_seq, dtype=torch.long), seq_lens=seq_lens, cu_seqlens=cu,
+        score_seq=torch.tensor(score_seq, dtype=torch.long), seq_lens=seq_lens,
+        runs=[[seg[4] for seg in row] for row in rows], cu_seqlens=cu,
         example_ids=[ex.index for ex in examples], responses_per_example=k1, layout=layout,
         pad_fraction=1.0 - real / input_ids.numel() if examples else 1.0, prefix_sharing=prefix_sharing,
     )
-
-
-def resolve_prefix_sharing(mode: str, attn_implementation: str) -> bool:
-    """packing.prefix_sharing: on/off as given; auto = on unless the kernel is flash-attn varlen,
-    which cannot hide sibling responses from each other (and is faster without sharing on GPU)."""
-    if mode == "on" and attn_implementation == "flash_attention_2":
-        raise ValueError("packing.prefix_sharing=on needs sdpa_varlen, flex_varlen, sdpa or eager; flash-attn varlen cannot mask "
-                         "sibling responses (use auto or off with flash_attention_2)")
-    return mode == "on" or (mode == "auto" and attn_implementation != "flash_attention_2")
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:

@@ -99,12 +99,16 @@ def check_free_space(cfg: Config) -> None:
 
 
 def check_attention(cfg: Config) -> None:
-    """The attention kernel asked for must train on this machine (flash-attn: a GPU and the package;
-    flex_varlen: a flex backward, which torch 2.13 lacks on CPU). Checked where the ranks run."""
+    """The attention kernel asked for must train where the ranks run (this process's device and the
+    dtype model.dtype gives there): the flash kernels need a GPU, bf16/fp16 and their package; flex_varlen
+    a flex backward, which torch 2.13 lacks on CPU."""
     from sempa_dist.attention import resolve_attn_implementation
+    from sempa_dist.distributed import device_type
+    from sempa_dist.engines import training_dtype
 
+    device = device_type()
     try:
-        resolve_attn_implementation(cfg.model.attn_implementation)
+        resolve_attn_implementation(cfg.model.attn_implementation, device, training_dtype(cfg, device))
     except RuntimeError as e:
         raise PreflightError(str(e)) from None
 

@@ -28,7 +28,8 @@ from sempa_dist.config import Config, ConfigError, load_config
 from sempa_dist.data import DataError, load_triplets, tokenize_triplets
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from sempa_dist.engines import build_policy, build_reference, training_dtype
-from sempa_dist.kernel_choice import choose_everywhere, label
+from sempa_dist.fileio import write_atomic
+from sempa_dist.kernel_choice import choose_everywhere
 from sempa_dist.loss import preference_loss
 from sempa_dist.models import load_tokenizer
 from sempa_dist.packing import build_batch, example_tokens, plan_step
@@ -186,14 +187,19 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     if steps_per_epoch == 0:
         raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
-    # attention kernel and prefix sharing (each prompt encoded once for its 1 + K responses): on a GPU
-    # with both on auto, measured once here; the resolved values then hold for engines and reference
-    choice = choose_everywhere(cfg, examples, dist.device, training_dtype(cfg))
-    cfg.model.attn_implementation, cfg.packing.prefix_sharing = choice.impl, "on" if choice.sharing else "off"
+    # values decided at run time, once: the training dtype, the attention kernel and prefix sharing
+    # (each prompt encoded once for its 1 + K responses; on a GPU measured). They are passed to the
+    # engines and the scorer explicitly and recorded with the run; the config keeps what was asked.
+    dtype = training_dtype(cfg, dist.device.type)
+    attn = choose_everywhere(cfg, examples, dist.device, dtype)
+    resolved = {"device": dist.device.type, "dtype": str(dtype).removeprefix("torch."), **attn.record()}
     if dist.is_main:
-        print(choice.describe(), flush=True)
-    tracker.set_tags({"attention": label((choice.impl, choice.sharing))})
-    shared = choice.sharing
+        print(attn.describe(), flush=True)
+        write_atomic(out_dir / "resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    tracker.set_tags({"attention": attn.label})
+    tracker.log_params({f"resolved.{k}": v for k, v in resolved.items() if k in ("device", "dtype", "attn_implementation",
+                                                                             "prefix_sharing")})
+    shared = attn.sharing
     sizes = [example_tokens(ex, shared) for ex in examples]
 
     # resume point, chosen before the engines: a checkpoint written on another world size is loaded
@@ -205,8 +211,8 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
         checkpoint.prepare_universal(resume_from, dist)
 
     # engines
-    policy, ds_config = build_policy(cfg, dist, total_steps, load_universal=universal)
-    reference = build_reference(cfg, dist, policy, examples, tok_report.fingerprint)
+    policy, ds_config = build_policy(cfg, dist, total_steps, attn, dtype, load_universal=universal)
+    reference = build_reference(cfg, dist, policy, examples, tok_report.fingerprint, attn, dtype)
     tracker.log_dict("deepspeed.json", {"policy": ds_config, "reference": getattr(reference, "ds_config", None)})
 
     # resume
@@ -214,8 +220,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     if resume_from is not None:
         state = checkpoint.load(policy, resume_from, universal=universal)
         start_step = state["step"]
-        # rank 0's generator state, on every rank and any world size (as when the world is unchanged)
-        torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        checkpoint.restore_rng(state, dist.device)
         if dist.is_main:
             how = f" (written by {state.get('world_size', '?')} ranks: loaded through its universal conversion)" if universal else ""
             print(f"resumed from {resume_from} at step {start_step}{how}", flush=True)
@@ -284,6 +289,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
             "tokens_per_s": float(totals[REAL_TOKENS] / dt),
             "pad_fraction": float(1 - totals[REAL_TOKENS] / totals[TOTAL_TOKENS]),
             "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
+            **({"peak_device_mb": torch.cuda.max_memory_allocated(dist.device) / 2**20} if dist.device.type == "cuda" else {}),
             **timer.seconds(),  # rank 0's
         })
         nonfinite = not (math.isfinite(row["loss"]) and math.isfinite(grad_norm))
@@ -306,7 +312,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
         preempted = totals[PREEMPT] > 0  # every rank sees the same sum, so all stop at this step
         if last or preempted or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
             state = {"step": step + 1, "epoch": epoch, "world_size": dist.world_size,
-                     "examples_seen": (step + 1) * B, "torch_rng": torch.get_rng_state().tolist(),
+                     "examples_seen": (step + 1) * B, **checkpoint.rng_state(dist.device),
                      "mlflow_run_id": tracker.run_id, "skipped_steps": skips.total}
             tag_dir = checkpoint.save(policy, out_dir, step + 1, state, dist, cfg.train.keep_checkpoints)
         if preempted and not last:
@@ -334,7 +340,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
         "final": history[-1] if history else {},
         "steps": total_steps, "start_step": start_step, "world_size": dist.world_size,
         "examples": len(examples), "data": {"load": load_report.__dict__, "tokenize": tok_report.__dict__},
-        "time_s": time.time() - t_start, "config": cfg.to_dict(),
+        "time_s": time.time() - t_start, "config": cfg.to_dict(), "resolved": resolved,
         "probe": {"example_ids": probe.example_ids, "sums": probe_sums}, "mlflow_run_id": tracker.run_id,
         "final_sts": final_sts,
     }

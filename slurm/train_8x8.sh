@@ -11,7 +11,7 @@
 #     --time, --partition, --output, --signal ...
 #   environment (sbatch exports the submitting shell's environment by default):
 #     SEMPA_REPO            checkout to run from                 (default: the submit directory)
-#     SEMPA_PYTHON          python with torch/deepspeed          (default: python3 on PATH)
+#     SEMPA_PYTHON          python with torch>=2.12, deepspeed   (default: python3 on PATH)
 #     SEMPA_NPROC_PER_NODE  ranks per node                       (default: GPUs on the node, 1 without GPUs)
 #     SEMPA_ACCELERATOR     cuda | cpu | auto                    (default auto: cpu when no GPUs allocated;
 #                           the trainer then uses gloo instead of NCCL)
@@ -44,7 +44,8 @@ log() { echo "[$(date '+%F %T')] train_8x8: $*"; }
 # it to the job step, and slurmstepd signals every process of the step: each torchrun and each rank.
 # torchrun must not die of it (SIGUSR1's default action) while its ranks checkpoint:
 # --signals_to_handle makes it pass USR1 on and wait up to --shutdown_timeout for them (torchrun has
-# these flags since torch 2.9, pytorch#160690; an older one rejects them).
+# --signals_to_handle since torch 2.10, pytorch#160690, and --shutdown_timeout since torch 2.12,
+# pytorch#172596; an older one rejects them: see the torch check below).
 # TERM (scancel, the time limit, an external `scontrol requeue`) is sent by Slurm to every process
 # itself; the trap only keeps this shell alive (bash would die of TERM) so srun is not torn down
 # while the ranks checkpoint within KillWait.
@@ -82,6 +83,33 @@ cd "$SEMPA_REPO"
 # the ranks import this checkout, whatever is installed in the environment
 export PYTHONPATH="$SEMPA_REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+
+# --- torch new enough for the launch below: torchrun has --signals_to_handle since torch 2.10 and
+# --shutdown_timeout since 2.12. `make setup` keeps a cluster's preinstalled torch, and an older
+# torchrun would reject the flags only after srun started it on every node. Asked of the same $PY the
+# ranks run (a path all nodes share), compared by major.minor (2.12.0+cu128 and 2.13.0a0+git... pass).
+# Stop, not launch without the flags: torchrun would then die of the time limit's USR1 (before 2.10)
+# or SIGKILL its ranks 30 s after the signal whatever SEMPA_SHUTDOWN_TIMEOUT says (before 2.12), and
+# every preemption would lose the steps since the last periodic checkpoint: a warning line in a
+# day-long log does not prevent that, failing here costs seconds and says what to install.
+TORCH_MIN=2.12
+major_minor() {  # "2.12.0+cu128" -> 2012; 0 when it is not a version
+  if [[ $1 =~ ^([0-9]+)\.([0-9]+) ]]; then
+    echo $((10#${BASH_REMATCH[1]} * 1000 + 10#${BASH_REMATCH[2]}))
+  else
+    echo 0
+  fi
+}
+if ! torch_version=$("$PY" -c 'import torch; print(torch.__version__)'); then
+  echo "train_8x8: $PY cannot import torch (SEMPA_PYTHON: the python with torch and deepspeed)" >&2
+  exit 2
+fi
+if (( $(major_minor "$torch_version") < $(major_minor "$TORCH_MIN") )); then
+  echo "train_8x8: torch $torch_version in $PY is too old: this launch needs torch >= $TORCH_MIN" \
+    "(torchrun --signals_to_handle/--shutdown_timeout, for preemption checkpoints);" \
+    "install it (pip install 'torch>=$TORCH_MIN') or set SEMPA_PYTHON to a python that has it" >&2
+  exit 2
+fi
 
 # --- GPUs, ranks per node, accelerator. SLURM_GPUS_ON_NODE counts the GPUs however they were asked
 # for (--gpus-per-node, --gres=gpu:N); SLURM_GPUS_PER_NODE is "8" or "h100:8"; unset or 0: none.

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The suite's multi-process runs are CPU ranks over gloo, also on a GPU host (one GPU cannot hold two
+# ranks; sempa_dist.distributed.device_type). The GPU path has its own check: bench/gpu_check.py.
+os.environ.setdefault("SEMPA_DEVICE", "cpu")
 
 pytest_plugins = ["tests.mlflow_server"]  # the `mlflow_server` fixture (a real server process group)
 

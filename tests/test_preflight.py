@@ -68,18 +68,20 @@ def test_too_little_disk_fails_before_training(small_fs):
 
 
 def test_an_attention_kernel_this_machine_cannot_train_with_is_refused_before_launch(tmp_path):
-    """flash-attn needs a GPU and its package; flex attention has no backward on CPU (torch 2.13).
-    Either is one line naming the key, before any rank starts."""
+    """The flash kernels need a GPU, bf16 and their package; flex attention has no backward on CPU
+    (torch 2.13). Either is one line naming the key, before any rank starts."""
     import torch
 
-    from sempa_dist.attention import flash_attn_available, flex_backward_supported
+    from sempa_dist.attention import unusable_reason
+    from sempa_dist.distributed import device_type
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for impl, usable in (("flex_varlen", flex_backward_supported(device)), ("flash_attention_2", flash_attn_available())):
-        if usable:
+    device = device_type()
+    for impl in ("flex_varlen", "fa2_varlen", "torch_varlen"):
+        if unusable_reason(impl, device, torch.bfloat16) is None:
             continue
+        dtype = [] if impl == "flex_varlen" else ["model.dtype=bf16"]  # fp32 with a flash kernel: a config error
         proc = sempa_train("configs/tiny_cpu.yaml", f"train.output_dir={tmp_path / impl}",
-                           f"model.attn_implementation={impl}", check=False, timeout=60)
+                           f"model.attn_implementation={impl}", *dtype, check=False, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert f"sempa-train: model.attn_implementation={impl}" in proc.stderr
         assert "torch.distributed" not in proc.stderr and not (tmp_path / impl / "metrics.jsonl").exists()

@@ -222,13 +222,15 @@ def test_universal_conversion_refuses_a_tampered_shard(checkpoint_copy, tmp_path
 
 def test_precomputed_reference_table_loads_weights_only(tmp_path):
     from sempa_dist.engines import precompute_reference, reference_fingerprint
+    from sempa_dist.kernel_choice import AttentionChoice
 
     cfg = load_config(REPO / "configs/tiny_cpu.yaml", ["ref.mode=precomputed", f"ref.cache_dir={tmp_path}",
                                                        f"train.output_dir={tmp_path / 'run'}"])
     marker = tmp_path / "MARKER"
-    tamper(tmp_path / f"ref-{reference_fingerprint(cfg, 'data-fp')}.pt", marker)
+    attn = AttentionChoice("sdpa_varlen", True)
+    tamper(tmp_path / f"ref-{reference_fingerprint(cfg, 'data-fp', attn.impl, torch.float32)}.pt", marker)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        precompute_reference(cfg, RANK0, [], "data-fp")
+        precompute_reference(cfg, RANK0, [], "data-fp", attn, torch.float32)
     assert not marker.exists()
 
 

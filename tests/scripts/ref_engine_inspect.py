@@ -17,7 +17,8 @@ from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
 from sempa_dist.config import load_config
 from sempa_dist.distributed import init_distributed
-from sempa_dist.engines import EngineReference, build_policy, build_reference, prefix_sharing
+from sempa_dist.engines import EngineReference, build_policy, build_reference, training_dtype
+from sempa_dist.kernel_choice import choose
 from sempa_dist.packing import build_batch, example_tokens, plan_step
 from sempa_dist.train import epoch_order, prepare_data, quiet_library_warnings
 from tests.scripts.rank_exit import report_and_exit
@@ -35,13 +36,15 @@ cfg = load_config("configs/tiny_cpu.yaml", [f"train.output_dir={out_dir}/run", "
                                             "tracking.enabled=false"])
 dist = init_distributed(cfg.deepspeed.timeout_s)
 tokenizer, examples, _, tok = prepare_data(cfg, dist)
-policy, _ = build_policy(cfg, dist, total_steps=10)
-reference = build_reference(cfg, dist, policy, examples, tok.fingerprint)
+dtype = training_dtype(cfg, dist.device.type)
+attn = choose(cfg, examples, dist.device, dtype)  # as train.py decides it (on CPU: nothing to measure)
+policy, _ = build_policy(cfg, dist, 10, attn, dtype)
+reference = build_reference(cfg, dist, policy, examples, tok.fingerprint, attn, dtype)
 assert isinstance(reference, EngineReference), type(reference)
 
 # two steps of the training loop (train.py): gradients and optimizer state exist on the policy
 # by now, so anything lazily allocated on the reference would exist too
-shared = prefix_sharing(cfg)
+shared = attn.sharing
 B = cfg.train.global_batch_size
 for step in range(2):
     ids = epoch_order(len(examples), cfg.train.seed, 0)[step * B : (step + 1) * B]

@@ -8,9 +8,11 @@ import sys
 
 import torch
 
+from sempa_dist.attention import SDPA_VARLEN
 from sempa_dist.config import load_config
 from sempa_dist.distributed import init_distributed
 from sempa_dist.engines import AdapterReference, EngineReference, build_policy, precompute_reference
+from sempa_dist.kernel_choice import AttentionChoice
 from sempa_dist.packing import build_batch, plan_step
 from sempa_dist.train import prepare_data, quiet_library_warnings
 from tests.scripts.rank_exit import report_and_exit
@@ -24,13 +26,14 @@ cfg = load_config(None, [
 ])
 dist = init_distributed(cfg.deepspeed.timeout_s)
 tokenizer, examples, _, tok = prepare_data(cfg, dist)
-policy, _ = build_policy(cfg, dist, total_steps=10)
-engine_ref = EngineReference(cfg, dist)
+attn, dtype = AttentionChoice(SDPA_VARLEN, False), torch.float32  # the batches below share no prompt
+policy, _ = build_policy(cfg, dist, 10, attn, dtype)
+engine_ref = EngineReference(cfg, dist, attn.impl, dtype)
 replicated_cfg = copy.deepcopy(cfg)
 replicated_cfg.deepspeed.ref_config = "ds_configs/zero3_ref_replicated.json"
-replicated_ref = EngineReference(replicated_cfg, dist)
+replicated_ref = EngineReference(replicated_cfg, dist, attn.impl, dtype)
 adapter_ref = AdapterReference(policy)
-pre_ref = precompute_reference(cfg, dist, examples, tok.fingerprint)
+pre_ref = precompute_reference(cfg, dist, examples, tok.fingerprint, attn, dtype)
 
 plan = plan_step([e.num_tokens for e in examples[:8]], dist.world_size, 512)[dist.rank]
 batches = [build_batch([examples[i] for i in m], "packed", tokenizer.pad_token_id) for m in plan]
