@@ -170,7 +170,8 @@ def report_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
 def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:
     out_dir = Path(cfg.train.output_dir)
     preflight(cfg)  # every rank: under a launcher, sempa-train's own check may not have run
-    heartbeat = Heartbeat(out_dir, dist.rank)  # names this rank if it dies or freezes (watchdog.py)
+    heartbeat = Heartbeat(out_dir, dist.rank, dist.world_size, timeout_s=cfg.deepspeed.timeout_s,  # watchdog.py:
+                          hint=lambda: checkpoint.resume_hint(out_dir))  # names a rank that dies or freezes
     if dist.is_main:
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()
