@@ -20,13 +20,13 @@ def compute_cell(config: str, overrides: list[str], steps: int, warmup: int, wor
 
     from sempa_dist.attention import resolve_attn_implementation
     from sempa_dist.config import load_config
+    from sempa_dist.data.prepare import prepare_data
     from sempa_dist.distributed import DistInfo
     from sempa_dist.engines import peft_lora_config
     from sempa_dist.logprobs import SequenceScorer
     from sempa_dist.models import resolve_model
-    from sempa_dist.packing import build_batch, example_tokens, plan_step
+    from sempa_dist.packing import build_batch, epoch_order, example_tokens, plan_step
     from sempa_dist.phase_times import PhaseTimer, metric_name
-    from sempa_dist.train import epoch_order, prepare_data
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a rank's share of this 2-core machine

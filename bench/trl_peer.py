@@ -48,7 +48,7 @@ def trl_cell(name: str, padding_free: bool, a: argparse.Namespace, work: Path) -
     from sempa_dist.data import load_triplets
     from sempa_dist.data.tokenize import render_prompt, tokenize_triplets
     from sempa_dist.models import load_tokenizer, resolve_model
-    from sempa_dist.train import epoch_order
+    from sempa_dist.packing import epoch_order
 
     model_name = [f"model.name={a.model}"] if getattr(a, "model", None) else []
     cfg = load_config(REPO / "configs" / "smollm2_demo.yaml", [f"data.max_examples={a.batch * a.steps}", *model_name])

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier
-from sempa_dist.fileio import write_atomic
+from sempa_dist.fileio import atomic_dir, write_atomic
 
 COMPLETE = "COMPLETE"
 UNIVERSAL = "universal"  # <tag>/universal: DeepSpeed's universal conversion of the tag, made on demand
@@ -175,23 +175,21 @@ def convert_to_universal(tag_dir: Path) -> Path:
         return out
     for debris in [out, *tag_dir.glob(f".{UNIVERSAL}.tmp*")]:  # an earlier conversion that crashed
         shutil.rmtree(debris, ignore_errors=True)
-    tmp = tag_dir / f".{UNIVERSAL}.tmp{os.getpid()}"
     cpus = os.cpu_count() or 1
-    # through safe_load: the converter unpickles every shard, and must do so weights-only
-    cmd = [sys.executable, "-m", "sempa_dist.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
-           "--output_folder", str(tmp), "--num_extract_workers", str(min(4, cpus)),
-           "--num_merge_workers", str(min(2, cpus))]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # ds_to_universal points a `latest_universal` file beside its output at the temporary name:
-    # we always name the tag when loading, so it would only mislead
-    (tag_dir / "latest_universal").unlink(missing_ok=True)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tail = "\n".join(proc.stdout.splitlines()[-30:])
-        raise RuntimeError(f"{tag_dir}: conversion to DeepSpeed's universal checkpoint failed "
-                           f"(exit {proc.returncode}):\n{tail}")
-    write_atomic(tmp / COMPLETE, "ok\n")
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        # through safe_load: the converter unpickles every shard, and must do so weights-only
+        cmd = [sys.executable, "-m", "sempa_dist.safe_load", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               str(tag_dir), "--output_folder", str(tmp), "--num_extract_workers", str(min(4, cpus)),
+               "--num_merge_workers", str(min(2, cpus))]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # ds_to_universal points a `latest_universal` file beside its output at the temporary name:
+        # we always name the tag when loading, so it would only mislead
+        (tag_dir / "latest_universal").unlink(missing_ok=True)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.splitlines()[-30:])
+            raise RuntimeError(f"{tag_dir}: conversion to DeepSpeed's universal checkpoint failed "
+                               f"(exit {proc.returncode}):\n{tail}")
+        write_atomic(tmp / COMPLETE, "ok\n")
     return out
 
 
@@ -215,7 +213,7 @@ def prepare_universal(tag_dir: Path, dist: DistInfo) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export: checkpoint shards -> consolidated HF directory (safetensors), on one process.
+# The policy's weights, reassembled from a checkpoint's shards (sempa_dist/export.py writes them out)
 
 
 def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -229,36 +227,3 @@ def consolidated_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     # keys are those of SequenceScorer: strip its `model.` prefix
     return {k.removeprefix("model."): v for k, v in sd.items()}
-
-
-def export(tag_dir: Path, out_dir: Path, cfg, merge_lora: bool = True) -> Path:
-    """Write `out_dir` loadable by AutoModelForCausalLM.from_pretrained (LoRA merged, or as adapter)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sempa_dist.models import resolve_model
-
-    path = resolve_model(cfg.model.name)
-    sd = consolidated_state_dict(tag_dir)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if cfg.model.lora.enabled:
-        from peft import get_peft_model
-
-        from sempa_dist.engines import peft_lora_config
-
-        model = get_peft_model(model, peft_lora_config(cfg))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = {"lm_head.weight", "base_model.model.lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"export: checkpoint does not match the model: missing={sorted(set(missing) - tied)[:5]} "
-                           f"unexpected={unexpected[:5]}")
-    if cfg.model.lora.enabled and merge_lora:
-        model = model.merge_and_unload()
-    elif cfg.model.lora.enabled:  # adapter only: the base is the model named in the config
-        model.peft_config["default"].base_model_name_or_path = str(path)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir

@@ -22,6 +22,7 @@ import torch
 
 from sempa_dist.config import Config, ConfigError
 from sempa_dist.distributed import DistInfo
+from sempa_dist.fileio import atomic_file
 from sempa_dist.kernel_choice import AttentionChoice
 from sempa_dist.logprobs import SequenceScorer
 from sempa_dist.models import resolve_model
@@ -262,9 +263,8 @@ def precompute_reference(cfg: Config, dist: DistInfo, examples, data_fp: str, at
     counts = all_reduce_sum(counts.to(dist.device)).cpu().long()
     if dist.is_main:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"sums": sums, "counts": counts}, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a half-written table behind
+        with atomic_file(path) as tmp:  # a crash never leaves a half-written table behind
+            torch.save({"sums": sums, "counts": counts}, tmp)
     barrier()
     return PrecomputedReference(sums, counts)
 

@@ -1,17 +1,53 @@
-"""Small files that are never seen half-written."""
+"""Files and directories that are never seen half-written: written under a temporary sibling name,
+then renamed into place (a rename within a directory is atomic), so a reader, or a restart after a
+crash, sees the old content or the new, never a torn one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary sibling, fsync it, then rename it over `path`: a reader (or a
-    restart after a crash) sees the old content or the new, never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, durable: bool = True) -> Iterator[Path]:
+    """A temporary sibling path to write the file at; renamed over `path` when the block succeeds
+    (after an fsync when `durable`: the content is on disk before the name points at it), removed
+    when it raises."""
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write `text` to `path` atomically (atomic_file). `durable=False` skips the fsync: for files
+    rewritten every few seconds whose loss in a power cut costs nothing (heartbeats)."""
+    with atomic_file(path, durable) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary sibling directory to build the directory in; it replaces `path` (any old one
+    removed first) when the block succeeds, and is removed when it raises."""
+    tmp = _tmp_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ otherwise) and the tokens are balanced across ranks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -148,6 +149,14 @@ def build_batch(
         example_ids=[ex.index for ex in examples], responses_per_example=k1, layout=layout,
         pad_fraction=1.0 - real / input_ids.numel() if examples else 1.0, prefix_sharing=prefix_sharing,
     )
+
+
+@functools.lru_cache(maxsize=2)  # called every step; the permutation changes only once per epoch
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Example order of one epoch: a function of seed and epoch only, never of the world size (a run
+    resumed on another world size sees the same examples in the same steps)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:

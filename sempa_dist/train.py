@@ -1,6 +1,10 @@
-"""The SemPA training loop. Reads top to bottom:
+"""The SemPA training recipe. `train` reads top to bottom:
 
-config -> data -> packing plan -> engines -> log-probs -> loss -> step -> checkpoint -> export.
+    run = setup(...)                   config -> data -> runtime choices -> resume point -> engines
+    for step in ...:
+        row = train_step(run, step)    packing plan -> log-probs -> loss -> backward -> optimizer step
+        after_step(run, row)           log -> evaluate -> checkpoint -> preemption
+    finish(run)                        probe -> final evaluation -> export -> summary
 
 Run with a launcher (torchrun, deepspeed, srun) as ``python -m sempa_dist.train CONFIG [k=v ...]``
 or through ``sempa-train``, which also spawns the processes itself on one machine.
@@ -8,7 +12,6 @@ or through ``sempa-train``, which also spawns the processes itself on one machin
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -17,6 +20,7 @@ import resource
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,35 +29,19 @@ import yaml
 
 from sempa_dist import checkpoint, tracking
 from sempa_dist.config import Config, ConfigError, load_config
-from sempa_dist.data import DataError, load_triplets, tokenize_triplets
+from sempa_dist.data import DataError
+from sempa_dist.data.prepare import prepare_data
 from sempa_dist.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from sempa_dist.engines import build_policy, build_reference, training_dtype
+from sempa_dist.export import export_model
 from sempa_dist.fileio import write_atomic
-from sempa_dist.kernel_choice import choose_everywhere
+from sempa_dist.kernel_choice import AttentionChoice, choose_everywhere
 from sempa_dist.loss import preference_loss
-from sempa_dist.models import load_tokenizer
-from sempa_dist.packing import build_batch, example_tokens, plan_step
+from sempa_dist.packing import build_batch, epoch_order, example_tokens, plan_step
 from sempa_dist.phase_times import PhaseTimer, phase_timing_enabled
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
 from sempa_dist.watchdog import Heartbeat, describe_silent, silent_ranks
-
-METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"]
-# slots after the metric sums in the per-step all-reduce
-REAL_TOKENS, TOTAL_TOKENS, EXAMPLES, PREEMPT = range(len(METRICS), len(METRICS) + 4)
-
-
-def prepare_data(cfg: Config, dist: DistInfo):
-    """Triplets -> tokenised examples. Rank 0 goes first so the others reuse its tokenisation cache."""
-    tokenizer = load_tokenizer(cfg.model.name) if dist.is_main else None
-    if not dist.is_main:
-        barrier()
-        tokenizer = load_tokenizer(cfg.model.name)
-    triplets, load_report = load_triplets(cfg.data, seed=cfg.train.seed)
-    examples, tok_report = tokenize_triplets(triplets, tokenizer, cfg.data)
-    if dist.is_main:
-        barrier()
-    return tokenizer, examples, load_report, tok_report
 
 
 class NonFiniteError(RuntimeError):
@@ -87,13 +75,6 @@ class NonFiniteSteps:
         why = ("train.on_nonfinite=stop" if self.policy == "stop"
                else f"{self.streak} non-finite steps in a row (train.max_consecutive_skips)")
         return f"{self.last}; stopping ({why}); {checkpoint.resume_hint(out_dir)}"
-
-
-@functools.lru_cache(maxsize=2)  # called every step; the permutation changes only once per epoch
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """Example order of one epoch: a function of seed and epoch only, never of the world size."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 def peak_rss_mb() -> float:
@@ -138,20 +119,83 @@ def log_eval(out_dir: Path, dist: DistInfo, tracker, step: int, scores: dict[str
         tracker.log_metrics({f"{prefix}/{k}": v for k, v in scores.items()}, step=step)
 
 
+class Totals:
+    """Named sums a step accumulates over its micro-steps, kept on the device (no host sync per
+    micro-step) and all-reduced once, in name order, so every rank sums the same slots."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, value: torch.Tensor | float) -> None:
+        """Add `value` (a tensor on any device, or a number) to the sum called `name`."""
+        if isinstance(value, torch.Tensor):
+            v = value.detach().to(self.device, torch.float64)
+        else:
+            v = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        self._sums[name] = self._sums[name] + v if name in self._sums else v
+
+    def all_reduce(self) -> dict[str, float]:
+        """Every rank's sums added up (one collective); every rank must have added the same names."""
+        names = sorted(self._sums)
+        values = all_reduce_sum(torch.stack([self._sums[n] for n in names])).tolist()
+        return dict(zip(names, values, strict=True))
+
+
+@dataclass
+class Run:
+    """What the loop needs, set up once by `setup`. The runtime choices are values here (`attn`,
+    `resolved`): nothing decided at run time is read back from the config."""
+
+    cfg: Config
+    dist: DistInfo
+    tracker: tracking.NullTracker
+    out_dir: Path
+    tokenizer: Any
+    examples: list
+    sizes: list[int]  # tokens of each example under the run's layout (prefix sharing or not)
+    data_report: dict[str, Any]
+    attn: AttentionChoice
+    resolved: dict[str, Any]  # the runtime choices as recorded (resolved.yaml, summary.json, MLflow)
+    policy: Any
+    reference: Any
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int
+    skips: NonFiniteSteps
+    heartbeat: Heartbeat
+    preemption: PreemptionFlag
+    timer: PhaseTimer
+    bar: Any
+    t_start: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
 def train(cfg: Config) -> dict[str, Any]:
     """Train as configured; every rank calls it. Returns the run summary."""
     quiet_library_warnings()
     dist = init_distributed(cfg.deepspeed.timeout_s)
     cfg.validate(world_size=dist.world_size)
+    preflight(cfg)  # every rank: under a launcher, sempa-train's own check may not have run
     # MLflow run on rank 0 (a no-op elsewhere): leaving the block ends it FINISHED or FAILED, or, when
     # preempted, leaves it RUNNING for the requeued job to continue
     with tracking.start(cfg, dist, kind="train") as tracker:
+        run = None
         try:
-            summary = run_training(cfg, dist, tracker)
+            run = setup(cfg, dist, tracker)
+            for step in range(run.start_step, run.total_steps):
+                row = train_step(run, step)
+                after_step(run, row)
+            summary = finish(run)
+        except (Preempted, NonFiniteError):
+            if run is not None:  # every rank stops at the same step: to the watchers, a clean stop
+                run.heartbeat.close()
+            raise
         except Exception as e:
-            # bad data or config and our own stop are this rank's doing; any other error may be a dead or
-            # frozen peer (gloo and NCCL word a peer's failure many ways): read the heartbeats
-            if dist.world_size > 1 and not isinstance(e, ConfigError | DataError | NonFiniteError):
+            # bad data or config are this rank's doing; any other error may be a dead or frozen peer
+            # (gloo and NCCL word a peer's failure many ways): read the heartbeats
+            if dist.world_size > 1 and not isinstance(e, ConfigError | DataError):
                 report_failure(e, cfg, dist)
             raise
     shutdown_distributed()
@@ -167,27 +211,28 @@ def report_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
           f"{checkpoint.resume_hint(out_dir)}", file=sys.stderr, flush=True)
 
 
-def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> dict[str, Any]:
+def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> Run:
+    """Everything before the first step: data, the runtime choices, the resume point, the engines."""
     out_dir = Path(cfg.train.output_dir)
-    preflight(cfg)  # every rank: under a launcher, sempa-train's own check may not have run
     heartbeat = Heartbeat(out_dir, dist.rank, dist.world_size, timeout_s=cfg.deepspeed.timeout_s,  # watchdog.py:
                           hint=lambda: checkpoint.resume_hint(out_dir))  # names a rank that dies or freezes
     if dist.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_atomic(out_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     t_start = time.time()
 
     # data
     tokenizer, examples, load_report, tok_report = prepare_data(cfg, dist)
     tracker.log_dataset(load_report, tok_report)
     B = cfg.train.global_batch_size
-    steps_per_epoch = len(examples) // B
     if not examples:  # every row dropped while tokenising (e.g. data.max_length shorter than the prompt)
         raise DataError(f"{load_report.source}: all {tok_report.dropped_overlong} examples are longer than "
                         f"data.max_length={cfg.data.max_length} tokens and were dropped (data.overlong=drop): "
                         "raise data.max_length or use data.overlong=truncate")
+    steps_per_epoch = len(examples) // B
     if steps_per_epoch == 0:
         raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
+
     # values decided at run time, once: the training dtype, the attention kernel and prefix sharing
     # (each prompt encoded once for its 1 + K responses; on a GPU measured). They are passed to the
     # engines and the scorer explicitly and recorded with the run; the config keeps what was asked.
@@ -198,10 +243,7 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
         print(attn.describe(), flush=True)
         write_atomic(out_dir / "resolved.yaml", yaml.safe_dump(resolved, sort_keys=False))
     tracker.set_tags({"attention": attn.label})
-    tracker.log_params({f"resolved.{k}": v for k, v in resolved.items() if k in ("device", "dtype", "attn_implementation",
-                                                                             "prefix_sharing")})
-    shared = attn.sharing
-    sizes = [example_tokens(ex, shared) for ex in examples]
+    tracker.log_params({f"resolved.{k}": resolved[k] for k in ("device", "dtype", "attn_implementation", "prefix_sharing")})
 
     # resume point, chosen before the engines: a checkpoint written on another world size is loaded
     # through DeepSpeed's universal format (converted once by rank 0), which the policy's DeepSpeed
@@ -217,141 +259,165 @@ def run_training(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> 
     tracker.log_dict("deepspeed.json", {"policy": ds_config, "reference": getattr(reference, "ds_config", None)})
 
     # resume
-    start_step, state = 0, {}
+    resumed: dict[str, Any] = {}
     if resume_from is not None:
-        state = checkpoint.load(policy, resume_from, universal=universal)
-        start_step = state["step"]
-        checkpoint.restore_rng(state, dist.device)
+        resumed = checkpoint.load(policy, resume_from, universal=universal)
+        checkpoint.restore_rng(resumed, dist.device)
         if dist.is_main:
-            how = f" (written by {state.get('world_size', '?')} ranks: loaded through its universal conversion)" if universal else ""
-            print(f"resumed from {resume_from} at step {start_step}{how}", flush=True)
+            how = f" (written by {resumed.get('world_size', '?')} ranks: loaded through its universal conversion)" if universal else ""
+            print(f"resumed from {resume_from} at step {resumed['step']}{how}", flush=True)
+    start_step = resumed.get("step", 0)
     if dist.is_main:
         truncate_metrics(out_dir, start_step)
-    skips = NonFiniteSteps(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips, state.get("skipped_steps", 0),
-                           log=print if dist.is_main else None)
 
     from tqdm import tqdm
 
-    preemption = PreemptionFlag()
-    timer = PhaseTimer(phase_timing_enabled(cfg.train.phase_times, dist.device), dist.device)
-    bar = tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    history: list[dict[str, float]] = []
     policy.train()
-    for step in range(start_step, total_steps):
-        heartbeat.step = step + 1
-        t0 = time.time()
-        epoch, pos = divmod(step, steps_per_epoch)
-        ids = epoch_order(len(examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
-        plan = plan_step([sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
-        sums = torch.zeros(len(METRICS) + 4, dtype=torch.float64)
-        timer.start()
-        for m, micro in enumerate(plan):
-            batch = build_batch([examples[ids[j]] for j in micro], cfg.packing.layout, tokenizer.pad_token_id, shared)
-            batch = batch.to(dist.device)
-            policy.set_gradient_accumulation_boundary(m == len(plan) - 1)
-            timer.resume()
-            out = policy(batch)
-            timer.mark("policy_forward")
-            ref_sums, ref_counts = reference.logps(batch)
-            timer.mark("reference")
-            k1 = batch.responses_per_example
-            pol, ref = out.sums.view(-1, k1), ref_sums.to(out.sums).view(-1, k1)
-            if cfg.loss.type == "ipo":  # IPO scores length-normalised log-probs
-                pol = pol / out.counts.view(-1, k1).clamp(min=1)
-                ref = ref / ref_counts.to(ref).view(-1, k1).clamp(min=1)
-            losses, metrics = preference_loss(pol, ref, cfg.loss.beta, cfg.loss.type, cfg.loss.label_smoothing)
-            # mean over the GLOBAL batch: DeepSpeed averages gradients over ranks, so scale by world / B
-            loss = losses.sum() * (dist.world_size / B) + out.anchor
-            if not torch.isfinite(loss):
-                # an inf loss can have finite gradients (e.g. a -inf reference log-prob): make them NaN so
-                # DeepSpeed's non-finite gradient-norm check, global over ranks, drops the step everywhere
-                loss = loss * float("nan")
-            policy.backward(loss, scale_wrt_gas=False)
-            timer.mark("backward")
-            with torch.no_grad():
-                sums[0] += losses.sum().item()
-                for j, name in enumerate(METRICS[1:], 1):
-                    sums[j] += metrics[name].sum().item()
-                sums[REAL_TOKENS] += batch.real_tokens if micro else 0
-                sums[TOTAL_TOKENS] += batch.total_tokens
-                sums[EXAMPLES] += batch.num_examples
+    return Run(
+        cfg=cfg, dist=dist, tracker=tracker, out_dir=out_dir, tokenizer=tokenizer, examples=examples,
+        sizes=[example_tokens(ex, attn.sharing) for ex in examples],
+        data_report={"load": load_report.__dict__, "tokenize": tok_report.__dict__},
+        attn=attn, resolved=resolved, policy=policy, reference=reference,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step,
+        skips=NonFiniteSteps(cfg.train.on_nonfinite, cfg.train.max_consecutive_skips, resumed.get("skipped_steps", 0),
+                             log=print if dist.is_main else None),
+        heartbeat=heartbeat, preemption=PreemptionFlag(),
+        timer=PhaseTimer(phase_timing_enabled(cfg.train.phase_times, dist.device), dist.device),
+        bar=tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True),
+        t_start=t_start,
+    )
+
+
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step (`step` counts from 0): this rank's micro-batches of the step's examples
+    through policy and reference, the loss, backward, the update. Returns the step's metrics row,
+    summed over every rank."""
+    cfg, dist, policy, timer = run.cfg, run.dist, run.policy, run.timer
+    run.heartbeat.step = step + 1
+    t0 = time.time()
+    B = cfg.train.global_batch_size
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    ids = epoch_order(len(run.examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
+    plan = plan_step([run.sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
+    totals = Totals(dist.device)
+    timer.start()
+    for m, micro in enumerate(plan):
+        batch = build_batch([run.examples[ids[j]] for j in micro], cfg.packing.layout, run.tokenizer.pad_token_id,
+                            run.attn.sharing).to(dist.device)
+        policy.set_gradient_accumulation_boundary(m == len(plan) - 1)
         timer.resume()
-        policy.step()
-        timer.mark("optimizer")
-        applied = policy.was_step_applied()
-        grad_norm = policy.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
-        sums[PREEMPT] = float(preemption.requested is not None)
-        totals = all_reduce_sum(sums.to(dist.device)).cpu()
-        dt = time.time() - t0
-        row = {name: float(totals[j] / totals[EXAMPLES]) for j, name in enumerate(METRICS)}
-        row.update({
-            "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": grad_norm,
-            "tokens_per_s": float(totals[REAL_TOKENS] / dt),
-            "pad_fraction": float(1 - totals[REAL_TOKENS] / totals[TOTAL_TOKENS]),
-            "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
-            **({"peak_device_mb": torch.cuda.max_memory_allocated(dist.device) / 2**20} if dist.device.type == "cuda" else {}),
-            **timer.seconds(),  # rank 0's
-        })
-        nonfinite = not (math.isfinite(row["loss"]) and math.isfinite(grad_norm))
-        skips.record(step + 1, nonfinite, applied, row["loss"], grad_norm)
-        row["skipped_steps"] = skips.total
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if dist.is_main and (step + 1) % cfg.train.log_every == 0:
-            with open(out_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            tracker.log_metrics(row, step=step + 1)
-        if skips.must_stop:  # logged first: the failing step is in metrics.jsonl and MLflow
-            raise NonFiniteError(skips.reason(out_dir))
-        last = step + 1 == total_steps
-        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
-            scores = evaluate_policy(policy, tokenizer, cfg, dist, cfg.eval.tasks)
-            log_eval(out_dir, dist, tracker, step + 1, scores)
-            row.update({f"sts/{k}": v for k, v in scores.items()})
-        preempted = totals[PREEMPT] > 0  # every rank sees the same sum, so all stop at this step
-        if last or preempted or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-            state = {"step": step + 1, "epoch": epoch, "world_size": dist.world_size,
-                     "examples_seen": (step + 1) * B, **checkpoint.rng_state(dist.device),
-                     "mlflow_run_id": tracker.run_id, "skipped_steps": skips.total}
-            tag_dir = checkpoint.save(policy, out_dir, step + 1, state, dist, cfg.train.keep_checkpoints)
-        if preempted and not last:
-            bar.close()
-            if dist.is_main:
-                print(f"preemption signal: checkpoint at step {step + 1} saved, exiting for requeue", flush=True)
-                (out_dir / "PREEMPTED").write_text(json.dumps({"step": step + 1, "time": time.time()}) + "\n")
-            raise Preempted(step + 1)
-    bar.close()
-    preemption.restore()
+        out = policy(batch)
+        timer.mark("policy_forward")
+        ref_sums, _ = run.reference.logps(batch)
+        timer.mark("reference")
+        k1 = batch.responses_per_example
+        losses, metrics = preference_loss(out.sums.view(-1, k1), ref_sums.to(out.sums).view(-1, k1), cfg.loss.beta,
+                                          cfg.loss.type, cfg.loss.label_smoothing, counts=out.counts.view(-1, k1))
+        # mean over the GLOBAL batch: DeepSpeed averages gradients over ranks, so scale by world / B
+        loss = losses.sum() * (dist.world_size / B) + out.anchor
+        if not torch.isfinite(loss):
+            # an inf loss can have finite gradients (e.g. a -inf reference log-prob): make them NaN so
+            # DeepSpeed's non-finite gradient-norm check, global over ranks, drops the step everywhere
+            loss = loss * float("nan")
+        policy.backward(loss, scale_wrt_gas=False)
+        timer.mark("backward")
+        totals.add("loss", losses.sum())
+        for name, values in metrics.items():  # whatever the loss reports, by name
+            totals.add(name, values.sum())
+        totals.add("real_tokens", batch.real_tokens if micro else 0)
+        totals.add("total_tokens", batch.total_tokens)
+        totals.add("examples", batch.num_examples)
+    timer.resume()
+    policy.step()
+    timer.mark("optimizer")
+    applied = policy.was_step_applied()
+    grad_norm = policy.get_global_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    totals.add("preempt", float(run.preemption.requested is not None))
+    sums = totals.all_reduce()
+    dt = time.time() - t0
+    examples, real, total = sums.pop("examples"), sums.pop("real_tokens"), sums.pop("total_tokens")
+    preempted = sums.pop("preempt") > 0  # every rank sees the same sum, so all stop at this step
+    row: dict[str, Any] = {name: v / examples for name, v in sums.items()}
+    row.update({
+        "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": grad_norm,
+        "tokens_per_s": real / dt, "pad_fraction": 1 - real / total,
+        "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
+        **({"peak_device_mb": torch.cuda.max_memory_allocated(dist.device) / 2**20} if dist.device.type == "cuda" else {}),
+        **timer.seconds(),  # rank 0's
+    })
+    nonfinite = not (math.isfinite(row["loss"]) and math.isfinite(grad_norm))
+    run.skips.record(step + 1, nonfinite, applied, row["loss"], grad_norm)
+    row["skipped_steps"] = run.skips.total
+    row["preempted"] = preempted
+    return row
+
+
+def after_step(run: Run, row: dict[str, Any]) -> None:
+    """Log the step, then evaluate, checkpoint and stop for preemption as due (collectives: every
+    rank calls it). Raises NonFiniteError or Preempted to stop."""
+    cfg, dist, step = run.cfg, run.dist, row["step"]
+    preempted = row.pop("preempted")
+    run.history.append(row)
+    run.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracy']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    run.bar.update(1)
+    if dist.is_main and step % cfg.train.log_every == 0:
+        with open(run.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        run.tracker.log_metrics(row, step=step)
+    if run.skips.must_stop:  # logged first: the failing step is in metrics.jsonl and MLflow
+        raise NonFiniteError(run.skips.reason(run.out_dir))
+    last = step == run.total_steps
+    if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+        scores = evaluate_policy(run.policy, run.tokenizer, cfg, dist, cfg.eval.tasks)
+        log_eval(run.out_dir, dist, run.tracker, step, scores)
+        row.update({f"sts/{k}": v for k, v in scores.items()})
+    if last or preempted or (cfg.train.save_every and step % cfg.train.save_every == 0):
+        saved = {"step": step, "epoch": (step - 1) // run.steps_per_epoch, "world_size": dist.world_size,
+                 "examples_seen": step * cfg.train.global_batch_size, **checkpoint.rng_state(dist.device),
+                 "mlflow_run_id": run.tracker.run_id, "skipped_steps": run.skips.total}
+        run.last_checkpoint = checkpoint.save(run.policy, run.out_dir, step, saved, dist, cfg.train.keep_checkpoints)
+    if preempted and not last:
+        run.bar.close()
+        if dist.is_main:
+            print(f"preemption signal: checkpoint at step {step} saved, exiting for requeue", flush=True)
+            (run.out_dir / "PREEMPTED").write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
+        raise Preempted(step)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """After the last step: the probe log-probs, the final evaluation, the export and the summary."""
+    cfg, dist, policy = run.cfg, run.dist, run.policy
+    run.bar.close()
+    run.preemption.restore()
     if dist.is_main:
-        (out_dir / "PREEMPTED").unlink(missing_ok=True)  # this run went to its end
+        (run.out_dir / "PREEMPTED").unlink(missing_ok=True)  # this run went to its end
 
     # log-probs of a fixed probe batch under the final policy: `sempa-export` output must reproduce them
     policy.eval()
-    probe = build_batch(examples[:4], cfg.packing.layout, tokenizer.pad_token_id, shared).to(dist.device)
+    probe = build_batch(run.examples[:4], cfg.packing.layout, run.tokenizer.pad_token_id, run.attn.sharing).to(dist.device)
     with torch.no_grad():
         probe_sums = policy(probe).sums.float().cpu().tolist()
 
-    final_sts = evaluate_policy(policy, tokenizer, cfg, dist, cfg.eval.final_tasks) if cfg.eval.final_tasks else {}
+    final_sts = evaluate_policy(policy, run.tokenizer, cfg, dist, cfg.eval.final_tasks) if cfg.eval.final_tasks else {}
     if final_sts:
-        log_eval(out_dir, dist, tracker, total_steps, final_sts, prefix="final_sts")
+        log_eval(run.out_dir, dist, run.tracker, run.total_steps, final_sts, prefix="final_sts")
 
     summary: dict[str, Any] = {
-        "final": history[-1] if history else {},
-        "steps": total_steps, "start_step": start_step, "world_size": dist.world_size,
-        "examples": len(examples), "data": {"load": load_report.__dict__, "tokenize": tok_report.__dict__},
-        "time_s": time.time() - t_start, "config": cfg.to_dict(), "resolved": resolved,
-        "probe": {"example_ids": probe.example_ids, "sums": probe_sums}, "mlflow_run_id": tracker.run_id,
+        "final": run.history[-1] if run.history else {},
+        "steps": run.total_steps, "start_step": run.start_step, "world_size": dist.world_size,
+        "examples": len(run.examples), "data": run.data_report,
+        "time_s": time.time() - run.t_start, "config": cfg.to_dict(), "resolved": run.resolved,
+        "probe": {"example_ids": probe.example_ids, "sums": probe_sums}, "mlflow_run_id": run.tracker.run_id,
         "final_sts": final_sts,
     }
-    if dist.is_main and cfg.train.export and history:
-        summary["export"] = str(checkpoint.export(tag_dir, out_dir / "export", cfg, cfg.train.merge_lora))
+    if dist.is_main and cfg.train.export and run.last_checkpoint is not None:
+        summary["export"] = str(export_model(run.last_checkpoint, run.out_dir / "export", cfg, cfg.train.merge_lora))
     barrier()
     if dist.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        tracker.log_summary(summary)
-    heartbeat.close()
+        write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        run.tracker.log_summary(summary)
+    run.heartbeat.close()
     return summary
 
 

@@ -48,6 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sempa_dist.fileio import write_atomic
+
 INTERVAL_S = 2.0
 WINDOW_S = INTERVAL_S * 1.5  # a rank whose file did not change in this long is silent
 # Silence a watcher reports while the job runs: well above the beat interval, and above what a shared
@@ -146,9 +148,7 @@ class Heartbeat:
     def _beat(self) -> None:
         # written aside and renamed over (atomic, on a shared filesystem too): no reader ever sees half
         # a file, and a rank killed or frozen mid-write leaves its last whole beat behind
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps({"step": self.step, "time": time.time()}))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps({"step": self.step, "time": time.time()}), durable=False)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -204,7 +204,6 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=self.interval_s + 1)
         self.path.unlink(missing_ok=True)
-        self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)
 
 
 _UNREADABLE = "\0unreadable"  # what _read_text returns for an error other than a missing file

@@ -8,7 +8,14 @@ import torch
 
 from sempa_dist.config import load_config
 from sempa_dist.distributed import free_port
-from sempa_dist.kernel_choice import AttentionChoice, candidates, choose_everywhere, label, measure, probe_examples
+from sempa_dist.kernel_choice import (
+    AttentionChoice,
+    candidates,
+    choose_everywhere,
+    label,
+    measure,
+    probe_examples,
+)
 from sempa_dist.models import resolve_model
 from tests.distributed import run
 from tests.tiny import random_examples

@@ -27,12 +27,17 @@ def test_label_smoothing_by_hand():
     assert losses.item() == pytest.approx(-0.9 * math.log(sig(2.0)) - 0.1 * math.log(sig(-2.0)), abs=1e-6)
 
 
-def test_ipo_by_hand():
-    pol = torch.tensor([[-1.0, -2.0, -4.0]])
-    ref = torch.tensor([[-1.5, -1.5, -1.5]])
-    losses, _ = preference_loss(pol, ref, beta=0.25, loss_type="ipo")
-    # h_k = (pol0 - polk) - (ref0 - refk): 1.0 and 3.0; target 1/(2*0.25) = 2
+def test_ipo_by_hand_on_length_normalised_logprobs():
+    """IPO scores mean log-probs: the loss divides the sums by the token counts itself."""
+    counts = torch.tensor([[2, 4, 1]])
+    pol = torch.tensor([[-1.0, -2.0, -4.0]]) * counts
+    ref = torch.tensor([[-1.5, -1.5, -1.5]]) * counts
+    losses, m = preference_loss(pol, ref, beta=0.25, loss_type="ipo", counts=counts)
+    # h_k = (pol0 - polk) - (ref0 - refk) on means: 1.0 and 3.0; target 1/(2*0.25) = 2
     assert losses.item() == pytest.approx(((1 - 2) ** 2 + (3 - 2) ** 2) / 2)
+    assert m["logps/chosen"].item() == pytest.approx(-1.0)  # the metrics report what the loss scored
+    with pytest.raises(ValueError, match="ipo needs the responses' token counts"):
+        preference_loss(pol, ref, beta=0.25, loss_type="ipo")
 
 
 def test_plackett_luce_by_hand_and_equals_dpo_for_k1():

@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from sempa_dist.checkpoint import consolidated_state_dict
-from sempa_dist.train import epoch_order
+from sempa_dist.packing import epoch_order
 from tests.distributed import metrics, sempa_train
 
 pytestmark = pytest.mark.slow

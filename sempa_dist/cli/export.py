@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sempa_dist import checkpoint
 from sempa_dist.config import load_config
+from sempa_dist.export import export_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = tag_dir.parent.parent
     cfg = load_config(run_dir / "config.yaml")
-    out = checkpoint.export(tag_dir, args.out, cfg, merge_lora=not args.keep_adapter)
+    out = export_model(tag_dir, args.out, cfg, merge_lora=not args.keep_adapter)
     print(f"exported {tag_dir} -> {out}")
     return 0
 

@@ -16,11 +16,12 @@ import torch
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
 from sempa_dist.config import load_config
+from sempa_dist.data.prepare import prepare_data
 from sempa_dist.distributed import init_distributed
 from sempa_dist.engines import EngineReference, build_policy, build_reference, training_dtype
 from sempa_dist.kernel_choice import choose
-from sempa_dist.packing import build_batch, example_tokens, plan_step
-from sempa_dist.train import epoch_order, prepare_data, quiet_library_warnings
+from sempa_dist.packing import build_batch, epoch_order, example_tokens, plan_step
+from sempa_dist.train import quiet_library_warnings
 from tests.scripts.rank_exit import report_and_exit
 
 # what DeepSpeedZeroOptimizer_Stage3 allocates for training (deepspeed/runtime/zero/stage3.py): the

@@ -10,11 +10,12 @@ import torch
 
 from sempa_dist.attention import SDPA_VARLEN
 from sempa_dist.config import load_config
+from sempa_dist.data.prepare import prepare_data
 from sempa_dist.distributed import init_distributed
 from sempa_dist.engines import AdapterReference, EngineReference, build_policy, precompute_reference
 from sempa_dist.kernel_choice import AttentionChoice
 from sempa_dist.packing import build_batch, plan_step
-from sempa_dist.train import prepare_data, quiet_library_warnings
+from sempa_dist.train import quiet_library_warnings
 from tests.scripts.rank_exit import report_and_exit
 
 quiet_library_warnings()
