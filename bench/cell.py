@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+# this checkout; computed here rather than taken from sempa_dist.paths.REPO_ROOT because it is what
+# puts sempa_dist on the path in the first place (the same directory once sempa_dist imports from it)
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the bench scripts import sempa_dist from this checkout, installed or not
     sys.path.insert(0, str(REPO))

@@ -20,6 +20,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from sempa_dist.sts_tasks import resolve_tasks
+
 DEFAULT_TEMPLATE = 'Keep the same meaning of this sentence: "{sentence}", while making some changes.'
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant"
 
@@ -245,8 +247,6 @@ class Config:
         _positive(("eval.batch_size", e.batch_size))
         if e.max_pairs is not None and e.max_pairs <= 0:
             raise ConfigError(f"eval.max_pairs: must be > 0 or null, got {e.max_pairs}")
-        from sempa_dist.eval.sts import resolve_tasks  # here: the eval package imports this module
-
         for key in ("tasks", "final_tasks"):
             try:
                 resolve_tasks(getattr(e, key))

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from sempa_dist.cli.train import main as train_main
+from sempa_dist.paths import REPO_ROOT, data_dir
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "smollm2_demo.yaml"
+# configs/ is not package data: the demo runs from a checkout
+CONFIG = REPO_ROOT / "configs" / "smollm2_demo.yaml"
 OUT = Path("runs/demo")
 
 
@@ -92,8 +93,6 @@ def log_to_run(cfg, run_id: str, result: dict) -> None:
 
 
 def _snli_available() -> bool:
-    from sempa_dist.data.sources import data_dir
-
     root = data_dir()
     return root is not None and (root / "nli" / "snli" / "s1.dev").is_file()
 

@@ -27,8 +27,7 @@ from sempa_dist.kernel_choice import AttentionChoice
 from sempa_dist.logprobs import SequenceScorer
 from sempa_dist.models import resolve_model
 from sempa_dist.packing import PackedBatch
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from sempa_dist.paths import REPO_ROOT
 
 
 def training_dtype(cfg: Config, device_type: str) -> torch.dtype:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from sempa_dist.paths import BUNDLED_PREFERENCES, cache_root
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -39,10 +41,6 @@ TINY_SHAPES = {
     "random-smollm2-shape": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
 }
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SEMPA_CACHE", Path.home() / ".cache" / "sempa-dist"))
 
 
 def resolve_model(name: str) -> Path | str:
@@ -81,10 +79,8 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from sempa_dist.data.sources import bundled_path
-
     corpus = []
-    with open(bundled_path(), encoding="utf-8") as fh:
+    with open(BUNDLED_PREFERENCES, encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
             corpus.extend([row["anchor"], row["chosen"], *row["rejected"]])

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sempa_dist.config import DataConfig
+from sempa_dist.paths import BUNDLED_PREFERENCES, data_dir
 
 MAX_SENTENCE_CHARS = 2000  # longer "sentences" are corrupt rows (a whole file on one line, ...)
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -50,27 +50,11 @@ class LoadReport:
             self.first_bad.append(detail)
 
 
-def bundled_path() -> Path:
-    return Path(__file__).parent / "bundled" / "preferences.jsonl"
-
-
-def data_dir() -> Path | None:
-    """$SEMPA_DATA_DIR, else ../shared/data beside the repo (or the working directory) when it exists."""
-    env = os.environ.get("SEMPA_DATA_DIR")
-    if env:
-        return Path(env)
-    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return None
-
-
 def load_triplets(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]], LoadReport]:
     """Read, validate and complete (to K rejected) the triplets named by `cfg`."""
     if cfg.source == "bundled":
-        where, report, cols = str(bundled_path()), LoadReport("bundled"), ("anchor", "chosen", "rejected")
-        rows = _dict_rows(_read_jsonl_rows(bundled_path()), where, cols, cfg, report)
+        where, report, cols = str(BUNDLED_PREFERENCES), LoadReport("bundled"), ("anchor", "chosen", "rejected")
+        rows = _dict_rows(_read_jsonl_rows(BUNDLED_PREFERENCES), where, cols, cfg, report)
     elif cfg.source == "snli":
         return _snli(cfg, seed)
     else:

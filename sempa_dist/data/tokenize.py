@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from sempa_dist.config import DataConfig
-from sempa_dist.models import cache_root
+from sempa_dist.paths import cache_root
 
 
 @dataclass

@@ -23,13 +23,13 @@ from sempa_dist.config import DataConfig
 from sempa_dist.data.tokenize import TokenizedExample, render_prompt
 from sempa_dist.logprobs import SequenceScorer, unwrap_causal_lm
 from sempa_dist.packing import PackedBatch, build_batch, first_fit_decreasing
+from sempa_dist.paths import BUNDLED_HELDOUT_ENGLISH
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "bundled"
 KINDS = ("responses", "english")  # held-out paraphrase responses; the general English sample
 
 
 def english_sample() -> list[str]:
-    return [ln.strip() for ln in (BUNDLED / "heldout_english.txt").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.strip() for ln in BUNDLED_HELDOUT_ENGLISH.read_text(encoding="utf-8").splitlines() if ln.strip()]
 
 
 def heldout_pairs(limit: int = 200) -> list[tuple[str, str]]:

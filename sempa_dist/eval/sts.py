@@ -8,6 +8,9 @@ Sets (files under ``$SEMPA_DATA_DIR/sts``, layouts described in that folder's SO
 - ``stsb-dev`` / ``stsb-test``: STS Benchmark, tab-separated genre, file, year, id, score, s1, s2.
 - ``sickr-test``: SICK relatedness test set, tab-separated id, sentence_A, sentence_B, score, label.
 
+Task names, aliases and ``resolve_tasks`` live in `sempa_dist.sts_tasks` (light: the config
+validates with them); this module reads and scores the sets.
+
 Sentences are whitespace-tokenised and re-joined with single spaces, as SentEval's batchers do.
 Score: Spearman correlation x 100 between the cosine similarity of the two embeddings and gold.
 """
@@ -21,6 +24,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
+from sempa_dist.paths import data_dir
+from sempa_dist.sts_tasks import resolve_tasks
+
 # SentEval's subset lists: STS13's SMT subset ships without its input file (licence), so it is absent
 STS_SUBSETS = {
     "sts12": ("STS12-en-test", ["MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"]),
@@ -29,9 +35,6 @@ STS_SUBSETS = {
     "sts15": ("STS15-en-test", ["answers-forums", "answers-students", "belief", "headlines", "images"]),
     "sts16": ("STS16-en-test", ["answer-answer", "headlines", "plagiarism", "postediting", "question-question"]),
 }
-STANDARD_TASKS = ["sts12", "sts13", "sts14", "sts15", "sts16", "stsb-test", "sickr-test"]
-ALL_TASKS = [*STANDARD_TASKS, "stsb-dev"]
-ALIASES = {"stsb": "stsb-test", "sickr": "sickr-test", "sick-r": "sickr-test"}
 
 
 class STSDataError(ValueError):
@@ -59,26 +62,10 @@ class STSPairs:
 
 def sts_dir() -> Path:
     """<SEMPA_DATA_DIR>/sts; raises STSDataError naming the variable when no data folder is found."""
-    from sempa_dist.data.sources import data_dir
-
     root = data_dir()
     if root is None:
         raise STSDataError("STS data not found: set SEMPA_DATA_DIR to the folder holding sts/ (see its SOURCES.md)")
     return root / "sts"
-
-
-def resolve_tasks(names: Sequence[str]) -> list[str]:
-    """Expand 'all' and aliases; raise naming an unknown task."""
-    out: list[str] = []
-    for name in names:
-        key = ALIASES.get(name.lower(), name.lower())
-        expanded = STANDARD_TASKS if key == "all" else [key]
-        for k in expanded:
-            if k not in ALL_TASKS:
-                raise ValueError(f"unknown STS task {name!r}; known: all, {', '.join(ALL_TASKS)} (aliases: {', '.join(ALIASES)})")
-            if k not in out:
-                out.append(k)
-    return out
 
 
 def _words(s: str) -> str:

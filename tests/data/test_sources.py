@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from sempa_dist.config import DataConfig
 from sempa_dist.data import DataError, data_dir, load_triplets, tokenize_triplets
-from sempa_dist.data.sources import MAX_SENTENCE_CHARS, bundled_path
+from sempa_dist.data.sources import MAX_SENTENCE_CHARS
+from sempa_dist.paths import BUNDLED_PREFERENCES
 
 HEADER = ["sent0", "sent1", "hard_neg"]
 
@@ -44,7 +45,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def bundled_rows() -> list[dict]:
-    with open(bundled_path(), encoding="utf-8") as fh:
+    with open(BUNDLED_PREFERENCES, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 

@@ -10,9 +10,6 @@ import pytest
 
 from sempa_dist.eval import sts
 from sempa_dist.eval.sts import (
-    ALIASES,
-    ALL_TASKS,
-    STANDARD_TASKS,
     STSDataError,
     STSPairs,
     cosine,
@@ -23,6 +20,7 @@ from sempa_dist.eval.sts import (
     resolve_tasks,
     spearman100,
 )
+from sempa_dist.sts_tasks import ALIASES, ALL_TASKS, STANDARD_TASKS
 
 needs_data = pytest.mark.skipif(not sts.data_available(), reason="STS data not found (set SEMPA_DATA_DIR to shared/data)")
 
