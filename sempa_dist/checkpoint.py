@@ -38,10 +38,17 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist: DistInfo, keep: int) -> Path:
-    """Collective: every rank must call. Returns the tag directory."""
+def tag_of(step: int) -> str:
+    """The checkpoint directory name of `step`."""
+    return f"step-{step:06d}"
+
+
+def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist: DistInfo, keep: int,
+         protect: tuple[str, ...] = ()) -> Path:
+    """Collective: every rank must call. Returns the tag directory. Pruning keeps the newest `keep`
+    complete checkpoints and the tags in `protect` (the best one, under eval.select_best)."""
     root = checkpoint_root(output_dir)
-    tag = f"step-{step:06d}"
+    tag = tag_of(step)
     if dist.is_main and (root / tag).exists():
         # an older run's tag of the same name (a fresh run in a reused output_dir): its COMPLETE marker
         # must not vouch for shards this save has not written yet
@@ -54,7 +61,7 @@ def save(engine, output_dir: str | Path, step: int, state: dict[str, Any], dist:
         write_atomic(tag_dir / "trainer_state.json", json.dumps(state, default=str))
         write_atomic(tag_dir / COMPLETE, "ok\n")
         write_atomic(root / "latest", tag + "\n")
-        _prune(root, keep)
+        _prune(root, keep, protect)
     barrier()
     return root / tag
 
@@ -65,15 +72,35 @@ def complete_tags(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and (d / COMPLETE).is_file())
 
 
-def _prune(root: Path, keep: int) -> None:
+def _prune(root: Path, keep: int, protect: tuple[str, ...] = ()) -> None:
     tags = complete_tags(root)
     for tag in tags[:-keep]:
-        shutil.rmtree(root / tag, ignore_errors=True)
+        if tag not in protect:
+            shutil.rmtree(root / tag, ignore_errors=True)
     # incomplete directories older than the newest complete one are debris of crashed saves
     newest = tags[-1] if tags else ""
     for d in root.iterdir():
         if d.is_dir() and d.name < newest and not (d / COMPLETE).is_file():
             shutil.rmtree(d, ignore_errors=True)
+
+
+BEST = "best.json"
+
+
+def read_best(output_dir: str | Path, upto_step: int) -> dict[str, Any] | None:
+    """The best checkpoint so far under eval.select_best ({task, step, score, checkpoint}), as the run
+    recorded it, if it is still complete and not past `upto_step` (the step a resumed run starts from)."""
+    path = checkpoint_root(output_dir) / BEST
+    if not path.is_file():
+        return None
+    best = json.loads(path.read_text())
+    complete = (checkpoint_root(output_dir) / best["checkpoint"] / COMPLETE).is_file()
+    return best if complete and best["step"] <= upto_step else None
+
+
+def write_best(output_dir: str | Path, best: dict[str, Any]) -> None:
+    """Record the best checkpoint (rank 0, after the save that made it complete)."""
+    write_atomic(checkpoint_root(output_dir) / BEST, json.dumps(best) + "\n")
 
 
 def find_resume(resume: str, output_dir: str | Path) -> Path | None:

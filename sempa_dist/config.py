@@ -164,6 +164,10 @@ class EvalConfig:
     normalize: bool = _f(True, "Normalise sentences first (\" -> ', final ? -> ., add a final .), as SemPA's code does.")
     batch_size: int = _f(64, "Sentences per forward pass when encoding.")
     generation: bool = _f(True, "After training: held-out NLL and KL of policy vs reference, and greedy paraphrases.")
+    select_best: str | None = _f(
+        None, "An STS set (e.g. stsb-dev) evaluated at every scheduled checkpoint: the best-scoring checkpoint "
+        "is kept from pruning and exported to export/ (the last one to export-last/); its step and score go to "
+        "summary.json and MLflow. null: the last checkpoint is the export.")
 
 
 @dataclass
@@ -252,6 +256,13 @@ class Config:
                 resolve_tasks(getattr(e, key))
             except ValueError as err:
                 raise ConfigError(f"eval.{key}: {err}") from None
+        if e.select_best is not None:
+            try:
+                chosen = resolve_tasks([e.select_best])
+            except ValueError as err:
+                raise ConfigError(f"eval.select_best: {err}") from None
+            if len(chosen) != 1:
+                raise ConfigError(f"eval.select_best: one STS set, got {e.select_best!r} ({len(chosen)} sets)")
         if e.every and not e.tasks:
             raise ConfigError("eval.tasks: empty while eval.every > 0")
         if "{sentence}" not in e.prompt:

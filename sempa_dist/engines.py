@@ -73,6 +73,7 @@ def _auto_values(cfg: Config, hidden: int, dist: DistInfo, dtype: torch.dtype, r
         "bf16.enabled": bf16,
         "zero_optimization.overlap_comm": cuda,
         "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.allgather_bucket_size": hidden * hidden,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
         "zero_optimization.offload_param.device": offload if reference else "none",

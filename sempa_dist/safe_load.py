@@ -26,12 +26,14 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 FORCE_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 # All our checkpoints need beyond torch's defaults: the ZeRO-3 optimizer shards (fp32, bf16 and
 # LoRA runs, and their universal conversion) pickle the stage enum and DeepSpeed's static loss
-# scaler. Found with torch.serialization.get_unsafe_globals_in_checkpoint.
-CHECKPOINT_GLOBALS: list[type] = [ZeroStageEnum, LossScaler]
+# scaler; ZeRO-2's shards also a fragment_address (a dataclass of two ints: where a parameter lies in
+# its flat group). Found with torch.serialization.get_unsafe_globals_in_checkpoint.
+CHECKPOINT_GLOBALS: list[type] = [ZeroStageEnum, LossScaler, fragment_address]
 
 
 class UnsafeCheckpointError(RuntimeError):

@@ -41,6 +41,7 @@ from sempa_dist.packing import build_batch, epoch_order, example_tokens, plan_st
 from sempa_dist.phase_times import PhaseTimer, phase_timing_enabled
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
+from sempa_dist.sts_tasks import resolve_tasks
 from sempa_dist.watchdog import Heartbeat, describe_silent, silent_ranks
 
 
@@ -170,6 +171,7 @@ class Run:
     t_start: float
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    best: dict[str, Any] | None = None  # eval.select_best: {task, step, score, checkpoint} of the best so far
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -269,6 +271,8 @@ def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> Run:
     start_step = resumed.get("step", 0)
     if dist.is_main:
         truncate_metrics(out_dir, start_step)
+    # the best checkpoint so far (eval.select_best) survives a restart, on any world size
+    best = checkpoint.read_best(out_dir, start_step) if cfg.eval.select_best and resume_from is not None else None
 
     from tqdm import tqdm
 
@@ -284,7 +288,7 @@ def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> Run:
         heartbeat=heartbeat, preemption=PreemptionFlag(),
         timer=PhaseTimer(phase_timing_enabled(cfg.train.phase_times, dist.device), dist.device),
         bar=tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True),
-        t_start=t_start,
+        t_start=t_start, best=best,
     )
 
 
@@ -372,17 +376,39 @@ def after_step(run: Run, row: dict[str, Any]) -> None:
         scores = evaluate_policy(run.policy, run.tokenizer, cfg, dist, cfg.eval.tasks)
         log_eval(run.out_dir, dist, run.tracker, step, scores)
         row.update({f"sts/{k}": v for k, v in scores.items()})
-    if last or preempted or (cfg.train.save_every and step % cfg.train.save_every == 0):
+    scheduled = last or bool(cfg.train.save_every and step % cfg.train.save_every == 0)
+    if scheduled and cfg.eval.select_best:  # a preemption's save is not scored: it must be quick
+        update_best(run, row)
+    if scheduled or preempted:
         saved = {"step": step, "epoch": (step - 1) // run.steps_per_epoch, "world_size": dist.world_size,
                  "examples_seen": step * cfg.train.global_batch_size, **checkpoint.rng_state(dist.device),
                  "mlflow_run_id": run.tracker.run_id, "skipped_steps": run.skips.total}
-        run.last_checkpoint = checkpoint.save(run.policy, run.out_dir, step, saved, dist, cfg.train.keep_checkpoints)
+        protect = (run.best["checkpoint"],) if run.best else ()
+        run.last_checkpoint = checkpoint.save(run.policy, run.out_dir, step, saved, dist, cfg.train.keep_checkpoints,
+                                              protect)
+        if run.best and dist.is_main:
+            checkpoint.write_best(run.out_dir, run.best)
     if preempted and not last:
         run.bar.close()
         if dist.is_main:
             print(f"preemption signal: checkpoint at step {step} saved, exiting for requeue", flush=True)
             (run.out_dir / "PREEMPTED").write_text(json.dumps({"step": step, "time": time.time()}) + "\n")
         raise Preempted(step)
+
+
+def update_best(run: Run, row: dict[str, Any]) -> None:
+    """Score this step's policy on eval.select_best (reusing this step's evaluation when it had one) and
+    make it the best when it beats the best so far."""
+    cfg, step = run.cfg, row["step"]
+    (task,) = resolve_tasks([cfg.eval.select_best])
+    score = row.get(f"sts/{task}")
+    if score is None:
+        scores = evaluate_policy(run.policy, run.tokenizer, cfg, run.dist, [task])
+        log_eval(run.out_dir, run.dist, run.tracker, step, scores)
+        score = scores[task]
+    if run.best is None or score > run.best["score"]:
+        run.best = {"task": task, "step": step, "score": score, "checkpoint": checkpoint.tag_of(step)}
+    run.tracker.log_metrics({f"best/{task}": run.best["score"], "best/step": run.best["step"]}, step=step)
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -409,10 +435,16 @@ def finish(run: Run) -> dict[str, Any]:
         "examples": len(run.examples), "data": run.data_report,
         "time_s": time.time() - run.t_start, "config": cfg.to_dict(), "resolved": run.resolved,
         "probe": {"example_ids": probe.example_ids, "sums": probe_sums}, "mlflow_run_id": run.tracker.run_id,
-        "final_sts": final_sts,
+        "final_sts": final_sts, "best": run.best,
     }
     if dist.is_main and cfg.train.export and run.last_checkpoint is not None:
-        summary["export"] = str(export_model(run.last_checkpoint, run.out_dir / "export", cfg, cfg.train.merge_lora))
+        # export/ is the model a user takes: the best checkpoint under eval.select_best (the last one
+        # beside it in export-last/), else the last
+        best = checkpoint.checkpoint_root(run.out_dir) / run.best["checkpoint"] if run.best else None
+        if best is not None and best != run.last_checkpoint:
+            summary["export_last"] = str(export_model(run.last_checkpoint, run.out_dir / "export-last", cfg,
+                                                      cfg.train.merge_lora))
+        summary["export"] = str(export_model(best or run.last_checkpoint, run.out_dir / "export", cfg, cfg.train.merge_lora))
     barrier()
     if dist.is_main:
         write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -433,12 +465,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(cfg: Config) -> int:
     """`train(cfg)` as a process exit code: 0; 75 after a preemption checkpoint (the Slurm script
-    requeues on it); or 1 after a non-finite stop (one line from rank 0 instead of the same traceback
+    requeues on it); 2 for bad config or data (one line); or 1 after a non-finite stop (one line from rank 0 instead of the same traceback
     from every rank; the Slurm script does not requeue on it)."""
     try:
         train(cfg)
     except Preempted as e:
         return e.code
+    except (ConfigError, DataError) as e:  # the same on every rank: one line from rank 0, not a traceback each
+        if os.environ.get("RANK", "0") == "0":
+            print(f"sempa-train: {e}", file=sys.stderr, flush=True)
+        return 2
     except NonFiniteError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"sempa-train: {e}", file=sys.stderr, flush=True)

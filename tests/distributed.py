@@ -85,3 +85,27 @@ def assert_same_run(rows: list[dict], reference: list[dict]) -> None:
     for r, ref in zip(rows, reference, strict=True):
         assert r["loss"] == pytest.approx(ref["loss"], abs=1e-6), r["step"]
         assert r["rewards/margin"] == pytest.approx(ref["rewards/margin"], abs=1e-6), r["step"]
+
+
+def assert_export_reproduces_probe(run_dir: Path) -> None:
+    """The run's export/, loaded as a plain HF model, gives the log-probs the trained engine gave for
+    the fixed probe batch (summary.json)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sempa_dist.config import load_config
+    from sempa_dist.data import load_triplets, tokenize_triplets
+    from sempa_dist.logprobs import SequenceScorer
+    from sempa_dist.models import load_tokenizer
+    from sempa_dist.packing import build_batch
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_config(run_dir / "config.yaml")
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export", attn_implementation="sdpa")
+    tok = load_tokenizer(cfg.model.name)
+    examples, _ = tokenize_triplets(load_triplets(cfg.data, cfg.train.seed)[0], tok, cfg.data)
+    batch = build_batch(examples[:4], "packed", tok.pad_token_id)
+    assert batch.example_ids == summary["probe"]["example_ids"]
+    with torch.no_grad():
+        sums = SequenceScorer(model, "sdpa", 64)(batch).sums
+    torch.testing.assert_close(sums, torch.tensor(summary["probe"]["sums"]), atol=1e-4, rtol=1e-5)

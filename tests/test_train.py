@@ -4,10 +4,9 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from sempa_dist.checkpoint import COMPLETE
-from tests.distributed import metrics, sempa_train
+from tests.distributed import assert_export_reproduces_probe, metrics, sempa_train
 
 pytestmark = pytest.mark.slow
 
@@ -41,24 +40,7 @@ def test_loss_falls_and_artifacts_exist(tiny_run):
 
 
 def test_export_reproduces_policy_logprobs(tiny_run):
-    from transformers import AutoModelForCausalLM
-
-    from sempa_dist.config import load_config
-    from sempa_dist.data import load_triplets, tokenize_triplets
-    from sempa_dist.logprobs import SequenceScorer
-    from sempa_dist.models import load_tokenizer
-    from sempa_dist.packing import build_batch
-
-    summary = json.loads((tiny_run / "summary.json").read_text())
-    cfg = load_config(tiny_run / "config.yaml")
-    model = AutoModelForCausalLM.from_pretrained(tiny_run / "export", attn_implementation="sdpa")
-    tok = load_tokenizer(cfg.model.name)
-    examples, _ = tokenize_triplets(load_triplets(cfg.data, cfg.train.seed)[0], tok, cfg.data)
-    batch = build_batch(examples[:4], "packed", tok.pad_token_id)
-    assert batch.example_ids == summary["probe"]["example_ids"]
-    with torch.no_grad():
-        sums = SequenceScorer(model, "sdpa", 64)(batch).sums
-    torch.testing.assert_close(sums, torch.tensor(summary["probe"]["sums"]), atol=1e-4, rtol=1e-5)
+    assert_export_reproduces_probe(tiny_run)
 
 
 def test_resume_continues_exactly(tiny_run, tmp_path):

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from sempa_dist.config import ConfigError, describe, load_config
+from sempa_dist.data import DataError, load_triplets
 from sempa_dist.distributed import launched_by_launcher
 from sempa_dist.local_launch import run_ranks
 from sempa_dist.preemption import PREEMPTED_EXIT_CODE
@@ -25,6 +26,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("config", nargs="?", help="YAML config (see configs/)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides")
     ap.add_argument("--help-config", action="store_true", help="print every config key with its default and meaning")
+    ap.add_argument("--check", action="store_true", help="everything short of training: config, data, tokenizer, step "
+                    "plan, kernel and dtype, memory per GPU (sempa_dist/check.py); nothing is trained or written")
+    ap.add_argument("--world-size", type=int, default=None, help="with --check: the world size the job will run on "
+                    "(default: train.nproc)")
     return ap.parse_args(argv)
 
 
@@ -40,9 +45,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config, overrides)
         nproc = cfg.train.nproc
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", nproc if not launched_by_launcher() else 1)))
+        if args.check:
+            from sempa_dist.check import check_run, format_report
+
+            print(format_report(check_run(cfg, args.world_size or world)))
+            return 0
         cfg.validate(world_size=world)
         preflight(cfg)  # one clear line here, rather than a traceback from every rank
-    except (ConfigError, PreflightError) as e:
+        load_triplets(cfg.data, seed=cfg.train.seed)  # bad data too, before any rank starts
+    except (ConfigError, PreflightError, DataError) as e:
         print(f"sempa-train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     if launched_by_launcher() or nproc == 1:
