@@ -17,7 +17,6 @@ import fnmatch
 import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -212,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         uri = uri or state["uri"]
         if state.get("run_id"):
             dir_run_ids.append(state["run_id"])
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///runs/mlflow.db"
+    from sempa_dist.tracking import open_client, resolve_uri
+
+    uri = resolve_uri(uri)  # else $MLFLOW_TRACKING_URI, else the store sempa-train uses by default
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         print(f"sempa-compare: no MLflow store at {uri}", file=sys.stderr)  # sqlite would create an empty one
         return 2
-    from sempa_dist.tracking import open_client
-
     client = open_client(uri)
     runs = select_runs(client, args, dir_run_ids)
     if not runs:
