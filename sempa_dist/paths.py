@@ -11,6 +11,7 @@ exporting it to its ranks) still counts.
   exists" (a relative DeepSpeed config path, the demo's config, ``../shared/data``, git metadata)
   and fall back or report as they did before.
 - ``cache_root()``: ``$SEMPA_CACHE``, default ``~/.cache/sempa-dist`` (built models, tokenised data).
+- ``sts_cache_dir()``: ``<cache root>/sts``: STS sets fetched from the hub, kept in the SentEval layout.
 - ``data_dir()``: ``$SEMPA_DATA_DIR``, else ``../shared/data`` beside the checkout or the working directory.
 - ``BUNDLED_DIR`` and its files: the small data shipped inside the package (package-data in pyproject).
 """
@@ -30,6 +31,12 @@ BUNDLED_HELDOUT_ENGLISH = BUNDLED_DIR / "heldout_english.txt"  # the generation 
 def cache_root() -> Path:
     """$SEMPA_CACHE, else ~/.cache/sempa-dist: built models under models/, tokenised data under datasets/."""
     return Path(os.environ.get("SEMPA_CACHE", Path.home() / ".cache" / "sempa-dist"))
+
+
+def sts_cache_dir() -> Path:
+    """<cache root>/sts: the STS sets fetched by name from the hub (sempa_dist.eval.sts), one folder
+    per hub namespace, each in the SentEval layout."""
+    return cache_root() / "sts"
 
 
 def data_dir() -> Path | None:

@@ -1,6 +1,7 @@
 """Preference triplets from every supported source.
 
-Every source ends as rows ``{"anchor": str, "chosen": str, "rejected": list[str] (K items)}``.
+Every source ends as rows ``{"anchor": str, "chosen": str, "rejected": list[str] (K items)}``;
+rows of an ms-swift preference file also carry ``"prompt"``: their prompt turns, taken as written.
 
 K rejected per anchor (``data.num_rejected``): a source's own rejected sentences come first (for
 SNLI: the premise's contradiction hypotheses, then its neutral ones); when an anchor has fewer
@@ -11,6 +12,12 @@ Files are parsed here (csv module, json, pyarrow), not through HF datasets: ever
 its file line (Parquet: row) and column and can be skipped on its own (``data.on_bad_row: skip``),
 CSV cells stay text, and nothing but ``DataError`` escapes for bad data. Hub datasets still load
 through HF datasets.
+
+ms-swift's preference files (the SemPA authors' format, JSON lines or a JSON array, or Parquet) are
+recognised by their fields: rows with ``messages`` (optional system turn, user/assistant turns, the
+last one the assistant's chosen response) and ``rejected_response`` (one string, as ms-swift's DPO
+reads it), and no ``data.anchor_column``. The turns before the chosen response are the prompt as
+written: ``data.template`` and ``data.system_prompt`` are not applied to them (see data.tokenize).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +37,7 @@ from sempa_dist.paths import BUNDLED_PREFERENCES, data_dir
 
 MAX_SENTENCE_CHARS = 2000  # longer "sentences" are corrupt rows (a whole file on one line, ...)
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SWIFT_MESSAGES, SWIFT_REJECTED = "messages", "rejected_response"  # ms-swift's preference fields
 
 
 class DataError(ValueError):
@@ -55,11 +64,11 @@ def load_triplets(cfg: DataConfig, seed: int = 0) -> tuple[list[dict[str, Any]],
     if cfg.source == "bundled":
         where, report, cols = str(BUNDLED_PREFERENCES), LoadReport("bundled"), ("anchor", "chosen", "rejected")
         rows = _dict_rows(_read_jsonl_rows(BUNDLED_PREFERENCES), where, cols, cfg, report)
+        triplets = _validate(rows, where, cols, cfg, report)
     elif cfg.source == "snli":
         return _snli(cfg, seed)
     else:
-        rows, where, report, cols = _tabular(cfg)
-    triplets = _validate(rows, where, cols, cfg, report)
+        triplets, report = _tabular(cfg)
     return _complete(triplets, cfg, seed, report)
 
 
@@ -129,8 +138,9 @@ def _rejected(values: list[Any]) -> Any:
     return values[0] if len(values) == 1 and isinstance(values[0], list) else values
 
 
-def _tabular(cfg: DataConfig) -> tuple[list[Row], str, LoadReport, tuple[str, ...]]:
-    """CSV/TSV, JSON (lines or array) and Parquet files, read here; hub datasets through HF datasets."""
+def _tabular(cfg: DataConfig) -> tuple[list[dict[str, Any]], LoadReport]:
+    """Validated triplets of CSV/TSV, JSON (lines or array) and Parquet files, read here; hub
+    datasets through HF datasets."""
     cols = (cfg.anchor_column, cfg.chosen_column, *cfg.rejected_columns)
     if cfg.source == "file":
         path = Path(cfg.path or "")
@@ -141,7 +151,7 @@ def _tabular(cfg: DataConfig) -> tuple[list[Row], str, LoadReport, tuple[str, ..
             raise DataError(f"{path}: unsupported file type {path.suffix!r} (use {', '.join(FILE_BUILDERS)})")
         report = LoadReport(str(path))
         try:
-            return _read_file(path, builder, cols, cfg, report), str(path), report, cols
+            return _read_file(path, builder, cols, cfg, report), report
         except OSError as e:  # unreadable (permissions, a vanished mount): still one DataError naming the file
             raise DataError(f"{path}: cannot be read ({_short(e)})") from None
 
@@ -157,21 +167,26 @@ def _tabular(cfg: DataConfig) -> tuple[list[Row], str, LoadReport, tuple[str, ..
     where = f"hub:{cfg.path}"
     _require_columns(where, cols, list(ds.column_names))
     report = LoadReport(where)
-    return _dict_rows(((i, rec) for i, rec in enumerate(ds, 1)), where, cols, cfg, report), where, report, cols
+    rows = _dict_rows(((i, rec) for i, rec in enumerate(ds, 1)), where, cols, cfg, report)
+    return _validate(rows, where, cols, cfg, report), report
 
 
-def _read_file(path: Path, builder: str, cols: tuple[str, ...], cfg: DataConfig, report: LoadReport) -> list[Row]:
+def _read_file(path: Path, builder: str, cols: tuple[str, ...], cfg: DataConfig,
+               report: LoadReport) -> list[dict[str, Any]]:
     where = str(path)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     if builder == "parquet":
-        return _dict_rows(_parquet_records(path, cols), where, cols, cfg, report)
-    if not _has_text(path):
-        raise DataError(f"{path}: file is empty (only blank lines)")
-    if builder == "csv":
-        return _csv_rows(path, cols, cfg, report)
-    records = _json_array_records(path) if _is_json_array(path) else _read_jsonl_rows(path)
-    return _dict_rows(records, where, cols, cfg, report)
+        records = _parquet_records(path, cols)
+    else:
+        if not _has_text(path):
+            raise DataError(f"{path}: file is empty (only blank lines)")
+        if builder == "csv":
+            return _validate(_csv_rows(path, cols, cfg, report), where, cols, cfg, report)
+        records = _json_array_records(path) if _is_json_array(path) else _read_jsonl_rows(path)
+    if _is_swift(records, cols):
+        return _swift_triplets(records, where, cfg, report)
+    return _validate(_dict_rows(records, where, cols, cfg, report), where, cols, cfg, report)
 
 
 def _csv_rows(path: Path, cols: tuple[str, ...], cfg: DataConfig, report: LoadReport) -> list[Row]:
@@ -279,8 +294,13 @@ def _parquet_records(path: Path, cols: tuple[str, ...]) -> list[tuple[Loc, Any]]
 
     try:
         with pq.ParquetFile(path) as pf:
-            _require_columns(str(path), cols, list(pf.schema_arrow.names))
-            records = pf.read(columns=list(dict.fromkeys(cols))).to_pylist()
+            names = list(pf.schema_arrow.names)
+            if SWIFT_MESSAGES in names and cols[0] not in names:  # an ms-swift file: its own fields
+                wanted = [c for c in (SWIFT_MESSAGES, SWIFT_REJECTED) if c in names]
+            else:
+                _require_columns(str(path), cols, names)
+                wanted = list(dict.fromkeys(cols))
+            records = pf.read(columns=wanted).to_pylist()
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...: one clear error
@@ -309,6 +329,76 @@ def _dict_rows(records: Iterable[tuple[Loc, Any]], where: str, cols: tuple[str, 
         rejected = _rejected([rec.get(c) for c in cols[2:]])
         rows.append((loc, rec.get(cols[0]), rec.get(cols[1]), rejected))
     return rows
+
+
+def _is_swift(records: list[tuple[Loc, Any]], cols: tuple[str, ...]) -> bool:
+    """Whether the rows are ms-swift preference rows: some have ``messages`` and none the anchor column."""
+    objects = [rec for _, rec in records if isinstance(rec, dict)]
+    return any(SWIFT_MESSAGES in rec for rec in objects) and not any(cols[0] in rec for rec in objects)
+
+
+def _swift_triplets(records: list[tuple[Loc, Any]], where: str, cfg: DataConfig,
+                    report: LoadReport) -> list[dict[str, Any]]:
+    """ms-swift preference rows -> triplets whose ``prompt`` is the turns before the chosen response,
+    as written (not stripped: the prompt is the file's own); chosen and rejected are stripped like
+    every other source's sentences. A row that cannot be used is a bad row (data.on_bad_row)."""
+    out = []
+    for loc, rec in records:
+        report.rows_read += 1
+        if not isinstance(rec, dict):
+            _bad_row(cfg, report, "not a JSON object", f"{where}:{loc}: not a JSON object: {_show(rec)}")
+            continue
+        turns, problem = _swift_turns(rec.get(SWIFT_MESSAGES))
+        rejected = rec.get(SWIFT_REJECTED)
+        if problem is None:
+            if isinstance(rejected, list):  # ms-swift's DPO reads one string; a list is its embedding format
+                problem = (SWIFT_REJECTED, "a list (ms-swift's DPO rejected_response is one string)", rejected)
+            elif rejected is None and "rejected_messages" in rec:
+                problem = (SWIFT_REJECTED, "missing (rejected_messages is not read: give rejected_response)", None)
+            else:
+                problem = _check(rejected, SWIFT_REJECTED)
+        if problem is not None:
+            col, why, value = problem
+            _bad_row(cfg, report, why, f"{where}:{loc}: column {col!r}: {why}: {_show(value)}")
+            continue
+        prompt = turns[:-1]
+        out.append({"anchor": prompt[-1]["content"].strip(), "chosen": turns[-1]["content"].strip(),
+                    "rejected": [rejected.strip()], "prompt": prompt})
+    return out
+
+
+SWIFT_ROLES = ("system", "user", "assistant")
+
+
+def _swift_turns(messages: Any) -> tuple[list[dict[str, str]], tuple[str, str, Any] | None]:
+    """The turns of a ``messages`` value as {"role", "content"} dicts, or the problem with it: ms-swift's
+    standard format is an optional system turn first, then user and assistant turns in turn, here
+    ending with the assistant's chosen response after a user turn."""
+    col = SWIFT_MESSAGES
+    if not isinstance(messages, list):
+        return [], (col, "not a list of turns", messages)
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        name = f"{col}[{i}]"
+        if not isinstance(m, dict):
+            return [], (name, "not a turn object", m)
+        role, content = m.get("role"), m.get("content")
+        if role not in SWIFT_ROLES:
+            return [], (f"{name}.role", f"role is not one of {', '.join(SWIFT_ROLES)}", role)
+        if role == "system" and i > 0:
+            return [], (f"{name}.role", "a system turn after the first turn", role)
+        # a system turn may be empty (as written: no system prompt); every other turn is a sentence
+        problem = None if role == "system" and content == "" else _check(content, f"{name}.content")
+        if problem is not None:
+            return [], problem
+        turns.append({"role": role, "content": content})
+    talk = [t["role"] for t in turns if t["role"] != "system"]
+    if len(talk) < 2 or talk[-1] != "assistant" or talk[-2] != "user":
+        why = "does not end with a user turn and the assistant's chosen response"
+        return [], (col, why, [t["role"] for t in turns])
+    if any(a == b for a, b in pairwise(talk)):
+        return [], (col, "user and assistant turns do not alternate", [t["role"] for t in turns])
+    return turns, None
 
 
 def _validate(rows: list[Row], where: str, cols: tuple[str, ...], cfg: DataConfig,

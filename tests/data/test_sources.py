@@ -607,6 +607,153 @@ def test_single_example_cannot_be_filled(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# ms-swift preference files (the authors' run_dpo.sh data): messages + rejected_response, as they are
+
+SWIFT_SYSTEM = "You are a helpful assistant"
+
+
+def swift_row(anchor: str, chosen: str, rejected, system: str | None = SWIFT_SYSTEM) -> dict:
+    user = f'Keep the same meaning of this sentence: "{anchor}", while making some changes.'
+    turns = ([{"role": "system", "content": system}] if system is not None else [])
+    turns += [{"role": "user", "content": user}, {"role": "assistant", "content": chosen}]
+    return {"messages": turns, "rejected_response": rejected}
+
+
+SWIFT_GOOD = [swift_row(*r) for r in GOOD[:2]] + [swift_row(*GOOD[2], system=None), swift_row(*GOOD[3])]
+
+
+def write_swift(tmp_path: Path, fmt: str, rows: list) -> Path:
+    """ms-swift rows as JSON lines, a pretty-printed JSON array, or Parquet (pandas, the `messages` column a list of structs)."""
+    path = tmp_path / f"swift{SUFFIX[fmt]}"
+    if fmt == "json":
+        path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    elif fmt == "parquet":
+        pd = pytest.importorskip("pandas")
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        write_jsonl(path, rows)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "json-lines", "parquet"])
+def test_swift_preference_file_loads_as_written(tmp_path, fmt):
+    path = write_swift(tmp_path, fmt, SWIFT_GOOD)
+    triplets, report = load_triplets(file_cfg(path))  # the default columns (sent0, ...) are not needed
+    assert (report.rows_read, report.kept, report.random_negatives, report.dropped) == (4, 4, 0, {})
+    for t, row, (anchor, chosen, rejected) in zip(triplets, SWIFT_GOOD, GOOD, strict=True):
+        assert t["prompt"] == row["messages"][:-1]  # system (when given) and user turns, as written
+        assert t["chosen"] == chosen and t["rejected"] == [rejected]
+        assert t["anchor"] == row["messages"][-2]["content"] and anchor in t["anchor"]
+    assert [m["role"] for m in triplets[2]["prompt"]] == ["user"]  # the system turn is optional
+
+
+def test_swift_multi_turn_prompt_and_k_fill(tmp_path):
+    rows = [dict(r) for r in SWIFT_GOOD]
+    rows[0] = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                            *SWIFT_GOOD[0]["messages"][1:]], "rejected_response": " A man is sleeping. "}
+    path = write_swift(tmp_path, "jsonl", rows)
+    triplets, report = load_triplets(file_cfg(path, num_rejected=3), seed=1)
+    assert [m["role"] for m in triplets[0]["prompt"]] == ["user", "assistant", "user"]
+    assert triplets[0]["rejected"][0] == "A man is sleeping."  # responses are stripped like every sentence
+    # ms-swift's DPO has one rejected response: K=3 takes two other rows' chosen sentences
+    assert report.random_negatives == 4 * 2
+    chosen = {t["chosen"] for t in triplets}
+    assert all(len(t["rejected"]) == 3 and set(t["rejected"][1:]) <= chosen - {t["chosen"]} for t in triplets)
+
+
+def test_swift_fields_beside_the_configured_columns_are_an_ordinary_file(tmp_path):
+    rows = [{**dict(zip(HEADER, r, strict=True)), **swift_row(*r)} for r in GOOD]
+    triplets, _ = load_triplets(file_cfg(write_jsonl(tmp_path / "both.jsonl", rows)))
+    assert triplets == [{"anchor": a, "chosen": b, "rejected": [c]} for a, b, c in GOOD]
+
+
+def _turns(*roles: str) -> list[dict]:
+    return [{"role": r, "content": f"{r} text ."} for r in roles]
+
+
+SWIFT_BAD = {  # case -> (row, column named, why)
+    "no-messages": ({"rejected_response": "x"}, "messages", "not a list of turns"),
+    "messages-string": ({"messages": "hello", "rejected_response": "x"}, "messages", "not a list of turns"),
+    "turn-not-object": ({"messages": ["hi", *_turns("assistant")], "rejected_response": "x"}, "messages[0]",
+                        "not a turn object"),
+    "tool-role": ({"messages": _turns("user", "tool", "assistant"), "rejected_response": "x"}, "messages[1].role",
+                  "role is not one of system, user, assistant"),
+    "late-system": ({"messages": _turns("user", "system", "assistant"), "rejected_response": "x"},
+                    "messages[1].role", "a system turn after the first turn"),
+    "ends-with-user": ({"messages": _turns("system", "user"), "rejected_response": "x"}, "messages",
+                       "does not end with a user turn and the assistant's chosen response"),
+    "no-user": ({"messages": _turns("system", "assistant"), "rejected_response": "x"}, "messages",
+                "does not end with a user turn and the assistant's chosen response"),
+    "not-alternating": ({"messages": _turns("user", "user", "assistant"), "rejected_response": "x"}, "messages",
+                        "user and assistant turns do not alternate"),
+    "empty-user": ({"messages": [{"role": "user", "content": "  "}, *_turns("assistant")], "rejected_response": "x"},
+                   "messages[0].content", "empty sentence"),
+    "null-chosen": ({"messages": [*_turns("user"), {"role": "assistant", "content": None}], "rejected_response": "x"},
+                    "messages[1].content", "not a string"),
+    "long-chosen": ({"messages": [*_turns("user"), {"role": "assistant", "content": "w" * (MAX_SENTENCE_CHARS + 1)}],
+                     "rejected_response": "x"}, "messages[1].content", f"longer than {MAX_SENTENCE_CHARS} characters"),
+    "no-rejected": ({"messages": _turns("user", "assistant")}, "rejected_response", "not a string"),
+    "empty-rejected": ({"messages": _turns("user", "assistant"), "rejected_response": ""}, "rejected_response",
+                       "empty sentence"),
+    "list-rejected": ({"messages": _turns("user", "assistant"), "rejected_response": ["a", "b"]}, "rejected_response",
+                      "a list (ms-swift's DPO rejected_response is one string)"),
+    "rejected-messages": ({"messages": _turns("user", "assistant"), "rejected_messages": _turns("user", "assistant")},
+                          "rejected_response", "missing (rejected_messages is not read: give rejected_response)"),
+}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+@pytest.mark.parametrize("case", list(SWIFT_BAD))
+def test_swift_bad_row_names_file_row_and_field(tmp_path, fmt, case):
+    bad, col, why = SWIFT_BAD[case]
+    rows = [SWIFT_GOOD[0], SWIFT_GOOD[1], bad, SWIFT_GOOD[3]]
+    path = write_swift(tmp_path, fmt, rows)
+    if fmt == "json":  # an item of the array opens at indentation 2 (its turns deeper)
+        starts = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line == "  {"]
+        where = f"{path}:{starts[2]}: item 3: column {col!r}: {why}"
+    else:
+        where = f"{path}:3: column {col!r}: {why}"
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    assert msg.startswith(where) and msg.endswith(SKIP_HINT)
+    assert len(msg) < len(where) + 150  # the value is shortened
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert [t["chosen"] for t in triplets] == [GOOD[0][1], GOOD[1][1], GOOD[3][1]]
+    assert (report.rows_read, report.kept) == (4, 3)
+    assert report.dropped == {why: 1}
+    assert len(report.first_bad) == 1 and report.first_bad[0].startswith(where)
+
+
+def test_swift_empty_system_turn_is_kept_as_written(tmp_path):
+    rows = [swift_row(*r, system="") for r in GOOD]
+    triplets, _ = load_triplets(file_cfg(write_swift(tmp_path, "jsonl", rows)))
+    assert all(t["prompt"][0] == {"role": "system", "content": ""} for t in triplets)
+
+
+def test_swift_row_that_is_not_an_object(tmp_path):
+    path = write_swift(tmp_path, "jsonl", [SWIFT_GOOD[0], [1, 2], SWIFT_GOOD[1]])
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}:2: not a JSON object: \\[1, 2\\]"):
+        load_triplets(file_cfg(path))
+    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    assert len(triplets) == 2 and report.dropped == {"not a JSON object": 1} and report.rows_read == 3
+
+
+def test_swift_rows_tokenise_with_their_own_prompt(tmp_path, tiny_tokenizer):
+    path = write_swift(tmp_path, "jsonl", SWIFT_GOOD)
+    dcfg = file_cfg(path, cache_dir=str(tmp_path / "cache"))
+    triplets, _ = load_triplets(dcfg)
+    examples, report = tokenize_triplets(triplets, tiny_tokenizer, dcfg)
+    assert report.kept == 4
+    for ex, row in zip(examples, SWIFT_GOOD, strict=True):
+        # the turns through the chat template only: not wrapped in data.template a second time
+        expected = tiny_tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        assert tiny_tokenizer.decode(ex.prompt_ids) == expected
+        assert tiny_tokenizer.decode(ex.responses[0][:-1]) == row["messages"][-1]["content"]
+        assert tiny_tokenizer.decode(ex.responses[1][:-1]) == row["rejected_response"]
+
+
+# ----------------------------------------------------------------------------------------------
 # SNLI layout
 
 

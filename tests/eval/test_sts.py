@@ -1,8 +1,12 @@
-"""STS reading and scoring (sempa_dist.eval.sts) on hand-made files, plus the real sets' pair counts."""
+"""STS reading and scoring (sempa_dist.eval.sts) on hand-made files, the hub fallback on a local folder
+laid out as the hub's datasets are (no network), plus the real sets' pair counts."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +357,182 @@ def test_real_pair_counts(task):
     lo = 1.0 if task == "sickr-test" else 0.0
     assert pairs.gold.min() >= lo and pairs.gold.max() <= 5.0
     assert all(pairs.left) and all(pairs.right)
+
+
+# ----------------------------------------------------------------------------------------------
+# sets not found locally: fetched by name from the hub (here a local folder laid out as the hub's
+# datasets are: <hub>/<dataset>/<split>.jsonl.gz), cached in the SentEval layout, the source named
+
+
+def write_hub(hub: Path, dataset: str, splits: dict[str, list[dict]]) -> Path:
+    """`splits` as <hub>/<dataset>/<split>.jsonl.gz, the files MTEB's STS datasets hold."""
+    folder = hub / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        with gzip.open(folder / f"{split}.jsonl.gz", "wt", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return folder
+
+
+def hub_rows(prefix: str, n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"sentence1": f"{prefix} left  {i} .", "sentence2": f"{prefix}\tright {i} .", "score": float(rng.integers(0, 11)) / 2}
+            for i in range(n)]
+
+
+@pytest.fixture
+def hub_env(tmp_path, monkeypatch):
+    """No local STS folder, a private cache, and the hub pointed at a local folder; the real hub unreachable."""
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("SEMPA_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SEMPA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEMPA_STS_HUB", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
+def no_datasets(monkeypatch):
+    import datasets
+
+    def refuse(*a, **kw):
+        raise AssertionError("the hub was asked although the set is on disk")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+def test_hub_names_are_mtebs(monkeypatch):
+    monkeypatch.delenv("SEMPA_STS_HUB", raising=False)
+    assert sts.sts_hub() == "mteb"
+    assert set(sts.HUB_SETS) == set(ALL_TASKS)
+    assert sts.hub_dataset("sts12") == ("mteb/sts12-sts", "test", "a0d554a64d88156834ff5ae9920b964011b16384")
+    assert sts.hub_dataset("stsb-dev")[:2] == ("mteb/stsbenchmark-sts", "validation")
+    assert sts.hub_dataset("stsb-test")[:2] == ("mteb/stsbenchmark-sts", "test")
+    assert sts.hub_dataset("sickr-test")[:2] == ("mteb/sickr-sts", "test")
+    assert [sts.hub_dataset(t)[0] for t in ("sts13", "sts14", "sts15", "sts16")] == [
+        f"mteb/sts{y}-sts" for y in (13, 14, 15, 16)]
+    assert sts.hub_dataset("sts12", "someone") == ("someone/sts12-sts", "test", None)  # MTEB's revisions are MTEB's
+    assert sts.hub_dataset("sts12", "/data/hub") == ("/data/hub/sts12-sts", "test", None)
+    assert sts.hub_cache("mteb").name == "mteb"
+    assert sts.hub_cache("/a/hub") != sts.hub_cache("/b/hub")
+
+
+def test_missing_set_is_fetched_from_the_hub_cached_and_named(hub_env, tmp_path, monkeypatch):
+    dev, test = hub_rows("dev", 7, 1), hub_rows("test", 9, 2)
+    write_hub(hub_env, "stsbenchmark-sts", {"train": hub_rows("train", 3), "validation": dev, "test": test})
+    pairs = load_task("stsb-test")
+    cache = tmp_path / "cache" / "sts" / sts.hub_cache().name
+    assert pairs.source == f"hub:{hub_env / 'stsbenchmark-sts'} (test; cached at {cache})"
+    assert pairs.left == [" ".join(r["sentence1"].split()) for r in test]
+    assert pairs.right == [" ".join(r["sentence2"].split()) for r in test]
+    assert pairs.gold.tolist() == [r["score"] for r in test]
+    # the SentEval layout, read by the reader that reads the local files
+    again = read_columns(cache / "STSBenchmark" / "sts-test.csv", "stsb-test", 4, 5, 6)
+    assert (again.left, again.right, again.gold.tolist()) == (pairs.left, pairs.right, pairs.gold.tolist())
+    assert load_task("stsb-dev").gold.tolist() == [r["score"] for r in dev]  # validation is the dev set
+    assert not sts.data_available()  # the local SentEval files, which the real-set tests need
+    # read from the cache from now on, the hub not asked again (it may be gone: an offline node)
+    shutil.rmtree(hub_env)
+    no_datasets(monkeypatch)
+    cached = load_task("stsb-test")
+    assert cached.source == pairs.source and cached.left == pairs.left and cached.gold.tolist() == pairs.gold.tolist()
+
+
+def test_sickr_from_the_hub(hub_env, tmp_path):
+    rows = hub_rows("sick", 6, 3)
+    write_hub(hub_env, "sickr-sts", {"test": rows})
+    pairs = load_task("sickr-test")
+    assert pairs.gold.tolist() == [r["score"] for r in rows] and len(pairs) == 6  # the header line is not a pair
+    assert (sts.hub_cache() / "SICK" / "SICK_test_annotated.txt").read_text().startswith("pair_ID\t")
+
+
+def senteval_year(root: Path, rows_by_subset: dict[str, list[tuple[str, str, str]]]) -> None:
+    folder, subsets = sts.STS_SUBSETS["sts12"]
+    assert list(rows_by_subset) == subsets
+    for subset, rows in rows_by_subset.items():
+        write(root / folder / f"STS.input.{subset}.txt", [f"{a}\t{b}" for a, b, _ in rows])
+        write(root / folder / f"STS.gs.{subset}.txt", [g for _, _, g in rows])
+
+
+def hashed_encoder(sentences: list[str]) -> np.ndarray:
+    """A fixed pseudo-random vector per sentence (the same sentence, the same vector)."""
+    return np.stack([np.random.default_rng(sum(map(ord, s)) * 7919 + len(s)).normal(size=8) for s in sentences])
+
+
+def test_a_hub_year_scores_as_the_senteval_all_setting(hub_env, tmp_path):
+    """STS12 from the hub (one concatenated set, no subsets) gives the "all" score of the SentEval files."""
+    rng = np.random.default_rng(5)
+    subsets = sts.STS_SUBSETS["sts12"][1]
+    by_subset = {s: [(f"{s} a {i}", f"{s} b {i}", "" if i == 2 else str(rng.integers(0, 6))) for i in range(5)]
+                 for s in subsets}
+    senteval_year(tmp_path / "local", by_subset)
+    labeled = [{"sentence1": a, "sentence2": b, "score": float(g)} for rows in by_subset.values() for a, b, g in rows if g]
+    rng.shuffle(labeled)  # the order of the hub rows does not matter to one Spearman
+    write_hub(hub_env, "sts12-sts", {"train": labeled[:3], "test": labeled})
+    local = evaluate_sts(hashed_encoder, ["sts12"], root=tmp_path / "local")
+    hub = evaluate_sts(hashed_encoder, ["sts12"])
+    assert hub == pytest.approx(local)
+    assert local.sources == {"sts12": f"local:{tmp_path / 'local'}"}
+    assert hub.sources["sts12"].startswith(f"hub:{hub_env / 'sts12-sts'} (test; cached at ")
+    folder = sts.hub_cache() / "STS12-en-test"
+    assert sorted(p.name for p in folder.iterdir()) == ["STS.gs.all.txt", "STS.input.all.txt"]
+    assert len(load_task("sts12")) == 20 == len(labeled)
+
+
+def test_local_files_are_read_before_the_hub(hub_env, tmp_path, monkeypatch):
+    root, _ = stsb_root(tmp_path / "data" / "sts")  # $SEMPA_DATA_DIR/sts
+    write_hub(hub_env, "stsbenchmark-sts", {"test": hub_rows("hub", 3)})
+    no_datasets(monkeypatch)
+    pairs = load_task("stsb-test")
+    assert pairs.source == f"local:{root}" and len(pairs) == 60
+    assert sts.data_available()
+
+
+def test_evaluate_sts_names_the_sources_and_stays_a_dict_of_floats(tmp_path):
+    root, gold_of = stsb_root(tmp_path)
+    got = evaluate_sts(fake_encoder(gold_of), ["stsb-test"], root=root)
+    assert got.sources == {"stsb-test": f"local:{root}"}
+    assert json.loads(json.dumps(got)) == dict(got) and all(isinstance(v, float) for v in got.values())
+    assert load_task("stsb-test", root).subset(5).source == f"local:{root}"
+
+
+def test_neither_local_nor_hub_names_both(hub_env, tmp_path):
+    with pytest.raises(STSDataError) as err:
+        load_task("sts13")
+    msg = str(err.value)
+    assert msg.startswith("sts13: not found locally")
+    assert str(tmp_path / "data" / "sts" / "STS13-en-test") in msg
+    assert f"hub:{hub_env / 'sts13-sts'}[test] could not be loaded" in msg
+    assert "SEMPA_DATA_DIR" in msg and "raise SystemExit(main())' sts13" in msg
+    assert not (sts.hub_cache() / "fetched").exists()
+
+
+@pytest.mark.parametrize(("bad", "expected"), [
+    ({"sentence1": "x", "sentence2": "y", "score": "high"}, "column 'score': gold score 'high' is not a number"),
+    ({"sentence1": "x", "sentence2": "y", "score": None}, "column 'score': gold score None is not a number"),
+    ({"sentence1": "  ", "sentence2": "y", "score": 1.0}, "column 'sentence1': not a sentence: '  '"),
+    ({"sentence1": "x", "sentence2": None, "score": 1.0}, "column 'sentence2': not a sentence: None"),
+])
+def test_bad_hub_row_names_the_dataset_and_row(hub_env, bad, expected):
+    good = {"sentence1": "a", "sentence2": "b", "score": 2.0}
+    write_hub(hub_env, "sickr-sts", {"test": [good, bad, good]})
+    with pytest.raises(STSDataError) as err:
+        load_task("sickr-test")
+    assert str(err.value) == f"hub:{hub_env / 'sickr-sts'}[test]:2: {expected}"
+    assert not (sts.hub_cache() / "fetched").exists()  # nothing half-cached
+
+
+def test_hub_dataset_without_the_columns(hub_env):
+    write_hub(hub_env, "sts14-sts", {"test": [{"s1": "a", "s2": "b", "label": 1.0}]})
+    with pytest.raises(STSDataError, match=r"sts14-sts\[test\]: missing column\(s\) \['sentence1', 'sentence2', 'score'\]"):
+        load_task("sts14")
+
+
+def test_fetch_command_prints_each_source(hub_env, capsys):
+    write_hub(hub_env, "sts15-sts", {"test": hub_rows("y15", 4)})
+    assert sts.main(["sts15"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith(f"sts15: 4 pairs from hub:{hub_env / 'sts15-sts'} (test; cached at ")
+    assert "fetched" in out.err
+    assert sts.main(["sts16"]) == 2 and "sts16: not found locally" in capsys.readouterr().err
+    assert sts.main(["sts99"]) == 2 and "unknown STS task" in capsys.readouterr().err
