@@ -177,7 +177,7 @@ class TrackingConfig:
     experiment: str = _f("sempa", "MLflow experiment name.")
     run_name: str | None = _f(None, "MLflow run name (default: the output directory's name).")
     tags: list[str] = _f([], "Extra run tags as key=value.")
-    parent_run_id: str | None = _f(None, "Nest this run under that MLflow run (a sweep; see python -m sempa_dist.tracking parent).")
+    parent_run_id: str | None = _f(None, "Nest this run under that MLflow run (a sweep; see sempa-tracking parent).")
     flush_every_s: float = _f(10.0, "Send buffered metrics every N seconds (0: at every logged step), in batches, off the training thread.")
 
 

@@ -180,12 +180,14 @@ def train(cfg: Config) -> dict[str, Any]:
     dist = init_distributed(cfg.deepspeed.timeout_s)
     cfg.validate(world_size=dist.world_size)
     preflight(cfg)  # every rank: under a launcher, sempa-train's own check may not have run
+    # the resume point, found once: the tracker continues that checkpoint's MLflow run, setup loads it
+    resume_from = checkpoint.find_resume(cfg.train.resume, cfg.train.output_dir)
     # MLflow run on rank 0 (a no-op elsewhere): leaving the block ends it FINISHED or FAILED, or, when
     # preempted, leaves it RUNNING for the requeued job to continue
-    with tracking.start(cfg, dist, kind="train") as tracker:
+    with tracking.start(cfg, dist, kind="train", resume_from=resume_from) as tracker:
         run = None
         try:
-            run = setup(cfg, dist, tracker)
+            run = setup(cfg, dist, tracker, resume_from)
             for step in range(run.start_step, run.total_steps):
                 row = train_step(run, step)
                 after_step(run, row)
@@ -213,8 +215,9 @@ def report_failure(e: Exception, cfg: Config, dist: DistInfo) -> None:
           f"{checkpoint.resume_hint(out_dir)}", file=sys.stderr, flush=True)
 
 
-def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> Run:
-    """Everything before the first step: data, the runtime choices, the resume point, the engines."""
+def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker, resume_from: Path | None) -> Run:
+    """Everything before the first step: data, the runtime choices, the engines, the state of the
+    checkpoint `resume_from` (None: a fresh start)."""
     out_dir = Path(cfg.train.output_dir)
     heartbeat = Heartbeat(out_dir, dist.rank, dist.world_size, timeout_s=cfg.deepspeed.timeout_s,  # watchdog.py:
                           hint=lambda: checkpoint.resume_hint(out_dir))  # names a rank that dies or freezes
@@ -247,10 +250,8 @@ def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker) -> Run:
     tracker.set_tags({"attention": attn.label})
     tracker.log_params({f"resolved.{k}": resolved[k] for k in ("device", "dtype", "attn_implementation", "prefix_sharing")})
 
-    # resume point, chosen before the engines: a checkpoint written on another world size is loaded
-    # through DeepSpeed's universal format (converted once by rank 0), which the policy's DeepSpeed
-    # config must enable when the engine is built
-    resume_from = checkpoint.find_resume(cfg.train.resume, out_dir)
+    # a checkpoint written on another world size is loaded through DeepSpeed's universal format
+    # (converted once by rank 0), which the policy's DeepSpeed config must enable when it is built
     universal = checkpoint.needs_universal(resume_from, dist.world_size)
     if universal:
         checkpoint.prepare_universal(resume_from, dist)

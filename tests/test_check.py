@@ -27,7 +27,7 @@ def check(*args: str, ok: bool = True):
 def simcse_csv(path: Path, rows: int, bad_row: int | None = None) -> Path:
     """SimCSE's nli_for_simcse.csv layout (sent0, sent1, hard_neg) with made-up sentences."""
     rng = random.Random(0)
-    words = "a man woman child dog plays runs sits reads in the park on a bench with friends".split()
+    words = ["a", "man", "woman", "child", "dog", "plays", "runs", "sits", "reads", "in", "the", "park", "on", "a", "bench", "with", "friends"]
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["sent0", "sent1", "hard_neg"])

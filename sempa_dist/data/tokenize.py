@@ -120,6 +120,8 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt], cfg: DataConfig) -> lis
     ``split_special_tokens=True``, and the control tokens put back between them. The tokenizer already
     encodes the text between two added tokens on its own, so the pieces are what the plain
     tokenisation would give, except that the data's special-token strings stay characters."""
+    if not prompts:  # a fast tokenizer given no text raises
+        return []
     use_bos = not _uses_chat_template(tokenizer, cfg)  # a chat template writes its own start tokens
     rendered = [render_with_spans(tokenizer, p, cfg) for p in prompts]
     out = tokenizer([text for text, _ in rendered], add_special_tokens=use_bos)["input_ids"]

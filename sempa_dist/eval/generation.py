@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sempa_dist.config import DataConfig
-from sempa_dist.data.tokenize import TokenizedExample, render_prompt
+from sempa_dist.data.tokenize import TokenizedExample, encode_prompts
 from sempa_dist.logprobs import SequenceScorer, unwrap_causal_lm
 from sempa_dist.packing import PackedBatch, build_batch, first_fit_decreasing
 from sempa_dist.paths import BUNDLED_HELDOUT_ENGLISH
@@ -48,9 +48,11 @@ def _examples(tokenizer, pairs: list[tuple[str, str]], texts: list[str]) -> list
     cfg = DataConfig()
     eos = [tokenizer.eos_token_id]
     out = []
-    for anchor, chosen in pairs:
-        prompt = tokenizer(render_prompt(tokenizer, anchor, cfg), add_special_tokens=False)["input_ids"]
-        out.append(TokenizedExample(prompt, [tokenizer(chosen, add_special_tokens=False)["input_ids"] + eos], len(out)))
+    # the prompts as training tokenises them: data text stays text (encode_prompts)
+    prompts = encode_prompts(tokenizer, [anchor for anchor, _ in pairs], cfg)
+    for prompt, (_, chosen) in zip(prompts, pairs, strict=True):
+        response = tokenizer(chosen, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        out.append(TokenizedExample(prompt, [response + eos], len(out)))
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         out.append(TokenizedExample(ids[:1], [ids[1:]], len(out)))
@@ -100,8 +102,8 @@ def greedy_paraphrases(model: torch.nn.Module, tokenizer, anchors: list[str], ma
     """The model's greedy answer to the paraphrase instruction for each anchor."""
     cfg = DataConfig()
     outs = []
-    for anchor in anchors:
-        ids = tokenizer(render_prompt(tokenizer, anchor, cfg), add_special_tokens=False, return_tensors="pt")["input_ids"]
+    for prompt in encode_prompts(tokenizer, list(anchors), cfg):
+        ids = torch.tensor([prompt])
         gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         outs.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return outs
