@@ -115,8 +115,9 @@ def evaluate_policy(policy, tokenizer, cfg: Config, dist: DistInfo, tasks: list[
 
 def log_eval(out_dir: Path, dist: DistInfo, tracker, step: int, scores: dict[str, float], prefix: str = "sts") -> None:
     if dist.is_main:
+        sources = getattr(scores, "sources", {})  # which files were scored (local SentEval or the hub's)
         with open(out_dir / "eval.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, prefix: scores}) + "\n")
+            fh.write(json.dumps({"step": step, prefix: dict(scores), "sources": sources}) + "\n")
         tracker.log_metrics({f"{prefix}/{k}": v for k, v in scores.items()}, step=step)
 
 

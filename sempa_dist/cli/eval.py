@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
                                           normalize=not args.no_normalize, batch_size=args.batch_size)
         results = evaluate_sts(encoder.encode, tasks, max_pairs=args.max_pairs)
         del encoder
-        out.update({"pooling": args.pooling, "normalize": not args.no_normalize, "prompt": args.prompt, "sts": results})
+        out.update({"pooling": args.pooling, "normalize": not args.no_normalize, "prompt": args.prompt,
+                    "sts": dict(results), "sts_sources": results.sources})
         print(format_table(results))
+        for task, source in results.sources.items():  # which files were scored: local SentEval or the hub's
+            print(f"  {task}: {source}")
     if args.generation:
         from sempa_dist.eval.generation import generation_report
 
