@@ -11,18 +11,20 @@ the meta device), for the DeepSpeed stage of the policy's config:
 - gradients and AdamW state of what trains (all weights, or the LoRA adapters): 1/W per rank; fp32
   master weights and both moments, 12 bytes per trained parameter (8 in fp32 training) + gradients;
 - activations of one micro-batch (packing.max_tokens tokens): about 34 * hidden bytes per token and
-  decoder layer without recomputation (Korthikanti et al. 2022, "Reducing Activation Recomputation in
-  Large Transformer Models", eq. 2, with flash attention's score term gone), 2 * hidden with gradient
+  decoder layer in bf16 without recomputation (Korthikanti et al. 2022, "Reducing Activation
+  Recomputation in Large Transformer Models", section 4, with flash attention's score term gone; a
+  Llama MLP is somewhat wider than the 4h it assumes), twice that in fp32, 2 * hidden with gradient
   checkpointing plus one layer's full set; plus the LM head's chunk of fp32 logits and its softmax;
-- the reference: `engine` holds 1/W of its weights in CPU memory (offload cpu) and a gathered layer on
-  the GPU; `adapter` adds nothing (the policy's base); `precomputed` adds nothing on the GPU.
+- the reference: `engine` holds 1/W of its weights in CPU memory (offload cpu; on the GPU with offload
+  none) and two gathered layers on the GPU; `adapter` (LoRA only) adds one forward's activations (the
+  policy's base); `precomputed` adds nothing on the GPU.
+The trained parameter count of LoRA assumes adapters on every linear layer of the decoder.
 It is an estimate to catch an order-of-magnitude mistake, not an allocator's figure.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,17 +96,21 @@ def memory_estimate(cfg: Config, shapes: Shapes, world_size: int, stage: int, bf
     weights = shapes.params * w / world_size + 2 * shapes.layer_params * w if stage == 3 else shapes.params * w
     optimizer = trained * ((12 if bf16 else 8) + w) / world_size
     tokens = cfg.packing.max_tokens
-    per_layer = (2 if cfg.model.gradient_checkpointing else 34) * shapes.hidden * tokens
-    activations = per_layer * shapes.layers + (34 * shapes.hidden * tokens if cfg.model.gradient_checkpointing else 0)
+    full_layer = 34 * shapes.hidden * tokens * w / 2  # the 34 h bytes per token are for 2-byte activations
+    per_layer = 2 * shapes.hidden * tokens * w / 2 if cfg.model.gradient_checkpointing else full_layer
+    activations = per_layer * shapes.layers + (full_layer if cfg.model.gradient_checkpointing else 0)
     logits = 2 * min(cfg.loss.logprob_chunk_tokens, tokens) * shapes.vocab * 4
     policy_gpu = weights + optimizer + activations + logits
-    forward_only = 34 * shapes.hidden * tokens + logits  # a no-grad pass keeps one layer's activations
+    forward_only = full_layer + logits  # a no-grad pass keeps one layer's activations
+    ref_shard = shapes.params * w / world_size
     ref = {
-        "engine": {"gpu": 2 * shapes.layer_params * w + forward_only,
-                   "cpu": shapes.params * w / world_size if cfg.ref.offload == "cpu" else 0.0},
+        "engine": {"gpu": 2 * shapes.layer_params * w + forward_only + (ref_shard if cfg.ref.offload == "none" else 0.0),
+                   "cpu": ref_shard if cfg.ref.offload == "cpu" else 0.0},
         "adapter": {"gpu": forward_only, "cpu": 0.0},
         "precomputed": {"gpu": 0.0, "cpu": 0.0},
     }
+    if not cfg.model.lora.enabled:
+        del ref["adapter"]  # the adapter-disabled base exists only for a LoRA policy
     return {mode: {"gpu_gib": (policy_gpu + extra["gpu"]) / GIB, "cpu_gib": extra["cpu"] / GIB}
             for mode, extra in ref.items()}
 
@@ -112,11 +118,10 @@ def memory_estimate(cfg: Config, shapes: Shapes, world_size: int, stage: int, bf
 def step_plan(cfg: Config, examples: list, world_size: int, sharing: bool, max_steps: int = 200) -> dict[str, Any]:
     """The first steps' plan, as training will make it: examples and tokens per step, micro-steps per
     rank, packing efficiency (real tokens / micro-steps x packing.max_tokens) and prefix sharing's saving."""
-    from sempa_dist.packing import epoch_order, example_tokens, plan_step
+    from sempa_dist.packing import epoch_order, example_tokens, plan_step, step_counts
 
     B = cfg.train.global_batch_size
-    steps_per_epoch = len(examples) // B
-    total = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
+    steps_per_epoch, total = step_counts(cfg, len(examples))
     order = epoch_order(len(examples), cfg.train.seed, 0)
     shared = [example_tokens(ex, True) for ex in examples]
     plain = [example_tokens(ex, False) for ex in examples]
@@ -134,6 +139,7 @@ def step_plan(cfg: Config, examples: list, world_size: int, sharing: bool, max_s
         "tokens_per_step": statistics.mean(tokens) if tokens else 0.0,
         "micro_steps_per_rank": max(micro) if micro else 0, "packing_efficiency": statistics.mean(efficiency) if efficiency else 0.0,
         "sharing_saves": 1 - sum(shared) / max(1, sum(plain)), "prefix_sharing": sharing,
+        "sharing_setting": cfg.packing.prefix_sharing + (" (on a GPU measured at start)" if cfg.packing.prefix_sharing == "auto" else ""),
     }
 
 
@@ -153,9 +159,10 @@ def check_run(cfg: Config, world_size: int) -> dict[str, Any]:
     from sempa_dist.engines import training_dtype
     from sempa_dist.kernel_choice import candidates, label
     from sempa_dist.models import load_tokenizer
+    from sempa_dist.packing import step_counts
 
     cfg.validate(world_size=world_size)
-    report: dict[str, Any] = {"world_size": world_size, "model": cfg.model.name, "notes": []}
+    report: dict[str, Any] = {"world_size": world_size, "model": cfg.model.name, "ref_mode": cfg.ref.mode, "notes": []}
     try:
         triplets, load_report = load_triplets(cfg.data, seed=cfg.train.seed)
         report["data"] = dict(load_report.__dict__)
@@ -189,9 +196,7 @@ def check_run(cfg: Config, world_size: int) -> dict[str, Any]:
     if tokenizer is not None and triplets is not None:
         examples, tok_report = tokenize_triplets(triplets, tokenizer, cfg.data)
         report["tokenize"] = {k: v for k, v in tok_report.__dict__.items() if k != "extra"}
-        if len(examples) < cfg.train.global_batch_size:
-            raise ValueError(f"train.global_batch_size: {cfg.train.global_batch_size} is larger than the dataset "
-                             f"({len(examples)} examples after tokenising)")
+        step_counts(cfg, len(examples), load_report.source, tok_report.dropped_overlong)  # as training refuses
         sharing = cfg.packing.prefix_sharing != "off"
         report["plan"] = step_plan(cfg, examples, world_size, sharing)
     stage = policy_stage(cfg)
@@ -220,8 +225,9 @@ def format_report(report: dict[str, Any]) -> str:
         p = report["plan"]
         lines += [f"steps     {p['total_steps']} ({p['steps_per_epoch']} per epoch), {p['examples_per_step']} examples "
                   f"and {p['tokens_per_step']:.0f} tokens per step, {p['micro_steps_per_rank']} micro-steps per rank",
-                  f"packing   {100 * p['packing_efficiency']:.1f} % of each micro-batch's token budget used; prefix sharing "
-                  f"{'on' if p['prefix_sharing'] else 'off'} (it saves {100 * p['sharing_saves']:.1f} % of the tokens)"]
+                  f"packing   {100 * p['packing_efficiency']:.1f} % of each micro-batch's token budget used, prefix sharing "
+                  f"{p['sharing_setting']} (it saves {100 * p['sharing_saves']:.1f} % of the tokens; the plan assumes it "
+                  f"{'on' if p['prefix_sharing'] else 'off'})"]
     r = report["runtime"]
     lines += [f"runtime   here: {r['here']}", f"          on GPUs: {r['gpu']}"]
     if "memory" in report:
@@ -229,7 +235,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"memory    {_count(m['params'])} parameters ({_count(m['trained'])} trained), ZeRO-{m['zero_stage']} "
                   f"policy, shapes from {m['shapes_from']}; estimate per rank:",
                   "          | ref.mode | GPU GiB | CPU GiB |", "          |---|---|---|"]
-        lines += [f"          | {mode} | {v['gpu_gib']:.2f} | {v['cpu_gib']:.2f} |" for mode, v in m["per_rank"].items()]
+        lines += [f"          | {mode}{' (configured)' if mode == report['ref_mode'] else ''} | {v['gpu_gib']:.2f} | "
+                  f"{v['cpu_gib']:.2f} |" for mode, v in m["per_rank"].items()]
     lines += [f"note      {n}" for n in report["notes"]]
     return "\n".join(lines)
 

@@ -40,14 +40,18 @@ def write_atomic(path: Path, text: str, durable: bool = True) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
-    """A temporary sibling directory to build the directory in; it replaces `path` (any old one
-    removed first) when the block succeeds, and is removed when it raises."""
-    tmp = _tmp_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)
+    """A temporary sibling directory to build the directory in; when the block succeeds it takes the
+    place of `path` (an old one is renamed aside first and removed after, so `path` is missing only
+    between two renames), and when it raises it is removed. Leftovers of a killed build are swept."""
+    for debris in path.parent.glob(f".{path.name}.tmp*"):
+        shutil.rmtree(debris, ignore_errors=True)
+    tmp, old = _tmp_sibling(path), path.with_name(f".{path.name}.tmp{os.getpid()}-old")
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -26,6 +26,7 @@ otherwise) and the tokens are balanced across ranks.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -157,6 +158,23 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     resumed on another world size sees the same examples in the same steps)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def step_counts(cfg, examples: int, source: str = "the data", dropped_overlong: int = 0) -> tuple[int, int]:
+    """(steps per epoch, total steps) of a run over `examples` examples. ConfigError/DataError, naming
+    the key, when not one step fits."""
+    from sempa_dist.config import ConfigError
+    from sempa_dist.data.sources import DataError
+
+    B = cfg.train.global_batch_size
+    if not examples:  # every row dropped while tokenising (e.g. data.max_length shorter than the prompt)
+        raise DataError(f"{source}: all {dropped_overlong} examples are longer than data.max_length="
+                        f"{cfg.data.max_length} tokens and were dropped (data.overlong=drop): raise data.max_length "
+                        "or use data.overlong=truncate")
+    if examples < B:
+        raise ConfigError(f"train.global_batch_size: {B} is larger than the dataset ({examples} examples)")
+    per_epoch = examples // B
+    return per_epoch, cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * per_epoch))
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:

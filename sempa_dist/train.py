@@ -3,7 +3,7 @@
     run = setup(...)                   config -> data -> runtime choices -> resume point -> engines
     for step in ...:
         row = train_step(run, step)    packing plan -> log-probs -> loss -> backward -> optimizer step
-        after_step(run, row)           log -> evaluate -> checkpoint -> preemption
+        after_step(run, row)           log -> non-finite stop -> evaluate -> best -> checkpoint -> preemption
     finish(run)                        probe -> final evaluation -> export -> summary
 
 Run with a launcher (torchrun, deepspeed, srun) as ``python -m sempa_dist.train CONFIG [k=v ...]``
@@ -37,7 +37,7 @@ from sempa_dist.export import export_model
 from sempa_dist.fileio import write_atomic
 from sempa_dist.kernel_choice import AttentionChoice, choose_everywhere
 from sempa_dist.loss import preference_loss
-from sempa_dist.packing import build_batch, epoch_order, example_tokens, plan_step
+from sempa_dist.packing import build_batch, epoch_order, example_tokens, plan_step, step_counts
 from sempa_dist.phase_times import PhaseTimer, phase_timing_enabled
 from sempa_dist.preemption import Preempted, PreemptionFlag
 from sempa_dist.preflight import preflight
@@ -93,8 +93,16 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     for name in ("metrics.jsonl", "eval.jsonl"):
         path = out_dir / name
         if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [ln for ln in path.read_text().splitlines() if (n := _step_of(ln)) is not None and n <= step]
+            write_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics/eval row, None for a line that is not one (a row torn by a kill)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @torch.no_grad()
@@ -122,26 +130,29 @@ def log_eval(out_dir: Path, dist: DistInfo, tracker, step: int, scores: dict[str
 
 
 class Totals:
-    """Named sums a step accumulates over its micro-steps, kept on the device (no host sync per
-    micro-step) and all-reduced once, in name order, so every rank sums the same slots."""
+    """Named sums a step accumulates over its micro-steps: tensors stay on the device and numbers on
+    the host (no host-device sync per micro-step), all-reduced once at the end of the step, in name
+    order, so every rank sums the same slots."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._sums: dict[str, torch.Tensor] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._numbers: dict[str, float] = {}
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
-        """Add `value` (a tensor on any device, or a number) to the sum called `name`."""
+        """Add `value` (a tensor on the device, or a number) to the sum called `name`."""
         if isinstance(value, torch.Tensor):
-            v = value.detach().to(self.device, torch.float64)
+            v = value.detach().to(torch.float64)
+            self._tensors[name] = self._tensors[name] + v if name in self._tensors else v
         else:
-            v = torch.tensor(float(value), dtype=torch.float64, device=self.device)
-        self._sums[name] = self._sums[name] + v if name in self._sums else v
+            self._numbers[name] = self._numbers.get(name, 0.0) + float(value)
 
     def all_reduce(self) -> dict[str, float]:
         """Every rank's sums added up (one collective); every rank must have added the same names."""
-        names = sorted(self._sums)
-        values = all_reduce_sum(torch.stack([self._sums[n] for n in names])).tolist()
-        return dict(zip(names, values, strict=True))
+        names = sorted({*self._tensors, *self._numbers})
+        numbers = torch.tensor([self._numbers.get(n, 0.0) for n in names], dtype=torch.float64).to(self.device)
+        values = torch.stack([self._tensors[n] if n in self._tensors else numbers[i] for i, n in enumerate(names)])
+        return dict(zip(names, all_reduce_sum(values).tolist(), strict=True))
 
 
 @dataclass
@@ -189,8 +200,8 @@ def train(cfg: Config) -> dict[str, Any]:
         run = None
         try:
             run = setup(cfg, dist, tracker, resume_from)
-            for step in range(run.start_step, run.total_steps):
-                row = train_step(run, step)
+            for index in range(run.start_step, run.total_steps):
+                row = train_step(run, index)
                 after_step(run, row)
             summary = finish(run)
         except (Preempted, NonFiniteError):
@@ -229,21 +240,15 @@ def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker, resume_fro
     # data
     tokenizer, examples, load_report, tok_report = prepare_data(cfg, dist)
     tracker.log_dataset(load_report, tok_report)
-    B = cfg.train.global_batch_size
-    if not examples:  # every row dropped while tokenising (e.g. data.max_length shorter than the prompt)
-        raise DataError(f"{load_report.source}: all {tok_report.dropped_overlong} examples are longer than "
-                        f"data.max_length={cfg.data.max_length} tokens and were dropped (data.overlong=drop): "
-                        "raise data.max_length or use data.overlong=truncate")
-    steps_per_epoch = len(examples) // B
-    if steps_per_epoch == 0:
-        raise ValueError(f"train.global_batch_size: {B} is larger than the dataset ({len(examples)} examples)")
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.num_epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_counts(cfg, len(examples), load_report.source, tok_report.dropped_overlong)
 
     # values decided at run time, once: the training dtype, the attention kernel and prefix sharing
     # (each prompt encoded once for its 1 + K responses; on a GPU measured). They are passed to the
     # engines and the scorer explicitly and recorded with the run; the config keeps what was asked.
     dtype = training_dtype(cfg, dist.device.type)
     attn = choose_everywhere(cfg, examples, dist.device, dtype)
+    if dist.device.type == "cuda":  # peak_device_mb counts training, not the kernel measurement
+        torch.cuda.reset_peak_memory_stats(dist.device)
     resolved = {"device": dist.device.type, "dtype": str(dtype).removeprefix("torch."), **attn.record()}
     if dist.is_main:
         print(attn.describe(), flush=True)
@@ -291,18 +296,19 @@ def setup(cfg: Config, dist: DistInfo, tracker: tracking.NullTracker, resume_fro
         timer=PhaseTimer(phase_timing_enabled(cfg.train.phase_times, dist.device), dist.device),
         bar=tqdm(total=total_steps, initial=start_step, disable=not dist.is_main, desc="train", dynamic_ncols=True),
         t_start=t_start, best=best,
+        last_checkpoint=resume_from,  # until this run saves: a run resumed at its end still exports it
     )
 
 
-def train_step(run: Run, step: int) -> dict[str, Any]:
-    """One optimizer step (`step` counts from 0): this rank's micro-batches of the step's examples
-    through policy and reference, the loss, backward, the update. Returns the step's metrics row,
-    summed over every rank."""
+def train_step(run: Run, index: int) -> dict[str, Any]:
+    """The optimizer step after `index` done ones: this rank's micro-batches of the step's examples
+    through policy and reference, the loss, backward, the update. Returns the step's metrics row
+    (its "step" is index + 1, as every row, checkpoint and log counts steps), summed over every rank."""
     cfg, dist, policy, timer = run.cfg, run.dist, run.policy, run.timer
-    run.heartbeat.step = step + 1
+    run.heartbeat.step = index + 1
     t0 = time.time()
     B = cfg.train.global_batch_size
-    epoch, pos = divmod(step, run.steps_per_epoch)
+    epoch, pos = divmod(index, run.steps_per_epoch)
     ids = epoch_order(len(run.examples), cfg.train.seed, epoch)[pos * B : (pos + 1) * B]
     plan = plan_step([run.sizes[i] for i in ids], dist.world_size, cfg.packing.max_tokens)[dist.rank]
     totals = Totals(dist.device)
@@ -316,15 +322,15 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
         timer.mark("policy_forward")
         ref_sums, _ = run.reference.logps(batch)
         timer.mark("reference")
-        k1 = batch.responses_per_example
+        k1 = 1 + cfg.data.num_rejected  # also for a dummy micro-batch (no example: [0, 1 + K] log-probs)
         losses, metrics = preference_loss(out.sums.view(-1, k1), ref_sums.to(out.sums).view(-1, k1), cfg.loss.beta,
                                           cfg.loss.type, cfg.loss.label_smoothing, counts=out.counts.view(-1, k1))
         # mean over the GLOBAL batch: DeepSpeed averages gradients over ranks, so scale by world / B
         loss = losses.sum() * (dist.world_size / B) + out.anchor
-        if not torch.isfinite(loss):
-            # an inf loss can have finite gradients (e.g. a -inf reference log-prob): make them NaN so
-            # DeepSpeed's non-finite gradient-norm check, global over ranks, drops the step everywhere
-            loss = loss * float("nan")
+        # an inf loss can have finite gradients (e.g. a -inf reference log-prob): make them NaN so
+        # DeepSpeed's non-finite gradient-norm check, global over ranks, drops the step everywhere
+        # (a multiplier, not an `if`: no host sync to read the loss)
+        loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
         policy.backward(loss, scale_wrt_gas=False)
         timer.mark("backward")
         totals.add("loss", losses.sum())
@@ -346,14 +352,14 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     preempted = sums.pop("preempt") > 0  # every rank sees the same sum, so all stop at this step
     row: dict[str, Any] = {name: v / examples for name, v in sums.items()}
     row.update({
-        "step": step + 1, "lr": policy.get_lr()[0], "grad_norm": grad_norm,
+        "step": index + 1, "lr": policy.get_lr()[0], "grad_norm": grad_norm,
         "tokens_per_s": real / dt, "pad_fraction": 1 - real / total,
         "step_time_s": dt, "micro_steps": len(plan), "peak_rss_mb": peak_rss_mb(),
         **({"peak_device_mb": torch.cuda.max_memory_allocated(dist.device) / 2**20} if dist.device.type == "cuda" else {}),
         **timer.seconds(),  # rank 0's
     })
     nonfinite = not (math.isfinite(row["loss"]) and math.isfinite(grad_norm))
-    run.skips.record(step + 1, nonfinite, applied, row["loss"], grad_norm)
+    run.skips.record(index + 1, nonfinite, applied, row["loss"], grad_norm)
     row["skipped_steps"] = run.skips.total
     row["preempted"] = preempted
     return row
@@ -374,12 +380,13 @@ def after_step(run: Run, row: dict[str, Any]) -> None:
     if run.skips.must_stop:  # logged first: the failing step is in metrics.jsonl and MLflow
         raise NonFiniteError(run.skips.reason(run.out_dir))
     last = step == run.total_steps
-    if cfg.eval.every and (step % cfg.eval.every == 0 or last):
+    stopping = preempted and not last  # the preemption's checkpoint must be quick: no evaluation first
+    if cfg.eval.every and (step % cfg.eval.every == 0 or last) and not stopping:
         scores = evaluate_policy(run.policy, run.tokenizer, cfg, dist, cfg.eval.tasks)
         log_eval(run.out_dir, dist, run.tracker, step, scores)
         row.update({f"sts/{k}": v for k, v in scores.items()})
     scheduled = last or bool(cfg.train.save_every and step % cfg.train.save_every == 0)
-    if scheduled and cfg.eval.select_best:  # a preemption's save is not scored: it must be quick
+    if scheduled and cfg.eval.select_best and not stopping:
         update_best(run, row)
     if scheduled or preempted:
         saved = {"step": step, "epoch": (step - 1) // run.steps_per_epoch, "world_size": dist.world_size,
@@ -390,7 +397,7 @@ def after_step(run: Run, row: dict[str, Any]) -> None:
                                               protect)
         if run.best and dist.is_main:
             checkpoint.write_best(run.out_dir, run.best)
-    if preempted and not last:
+    if stopping:
         run.bar.close()
         if dist.is_main:
             print(f"preemption signal: checkpoint at step {step} saved, exiting for requeue", flush=True)
@@ -406,7 +413,7 @@ def update_best(run: Run, row: dict[str, Any]) -> None:
     score = row.get(f"sts/{task}")
     if score is None:
         scores = evaluate_policy(run.policy, run.tokenizer, cfg, run.dist, [task])
-        log_eval(run.out_dir, run.dist, run.tracker, step, scores)
+        log_eval(run.out_dir, run.dist, run.tracker, step, scores, prefix="select_best")  # not sts/avg: one set
         score = scores[task]
     if run.best is None or score > run.best["score"]:
         run.best = {"task": task, "step": step, "score": score, "checkpoint": checkpoint.tag_of(step)}
@@ -439,6 +446,7 @@ def finish(run: Run) -> dict[str, Any]:
         "probe": {"example_ids": probe.example_ids, "sums": probe_sums}, "mlflow_run_id": run.tracker.run_id,
         "final_sts": final_sts, "best": run.best,
     }
+    barrier()  # the last collective: rank 0 exports alone, no peer waits on it against the timeout
     if dist.is_main and cfg.train.export and run.last_checkpoint is not None:
         # export/ is the model a user takes: the best checkpoint under eval.select_best (the last one
         # beside it in export-last/), else the last
@@ -446,8 +454,7 @@ def finish(run: Run) -> dict[str, Any]:
         if best is not None and best != run.last_checkpoint:
             summary["export_last"] = str(export_model(run.last_checkpoint, run.out_dir / "export-last", cfg,
                                                       cfg.train.merge_lora))
-        summary["export"] = str(export_model(best or run.last_checkpoint, run.out_dir / "export", cfg, cfg.train.merge_lora))
-    barrier()
+        summary.update(export_model(best or run.last_checkpoint, run.out_dir / "export", cfg, cfg.train.merge_lora).summary())
     if dist.is_main:
         write_atomic(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
         run.tracker.log_summary(summary)
@@ -462,10 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     path = argv[0] if argv and "=" not in argv[0] else None
     overrides = argv[1:] if path else argv
     cfg = load_config(path, overrides).validate(world_size=int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None)
-    return run(cfg)
+    return exit_code(cfg)
 
 
-def run(cfg: Config) -> int:
+def exit_code(cfg: Config) -> int:
     """`train(cfg)` as a process exit code: 0; 75 after a preemption checkpoint (the Slurm script
     requeues on it); 2 for bad config or data (one line); or 1 after a non-finite stop (one line from rank 0 instead of the same traceback
     from every rank; the Slurm script does not requeue on it)."""

@@ -92,10 +92,13 @@ def test_memory_estimate_moves_the_way_the_settings_say():
         return memory_estimate(cfg, shapes, world, stage, bf16=True)[mode]["gpu_gib"]
 
     assert gpu(cfg, stage=2) > gpu(cfg, stage=3) and gpu(cfg, world=8) > gpu(cfg, world=64)
-    assert gpu(cfg, mode="engine") > gpu(cfg, mode="adapter") > gpu(cfg, mode="precomputed")
     ckpt = load_config(REPO / "configs" / "llama3_8b_8x8.yaml", ["model.gradient_checkpointing=true"])
     lora = load_config(REPO / "configs" / "llama3_8b_8x8.yaml", ["model.lora.enabled=true"])
     assert gpu(ckpt) < gpu(cfg) and gpu(lora) < gpu(cfg)
+    assert gpu(lora, mode="engine") > gpu(lora, mode="adapter") > gpu(lora, mode="precomputed")
+    assert "adapter" not in memory_estimate(cfg, shapes, 64, 3, bf16=True)  # no adapter to disable: no row
+    on_gpu = load_config(REPO / "configs" / "llama3_8b_8x8.yaml", ["ref.offload=none"])
+    assert gpu(on_gpu) > gpu(cfg)  # the reference's shard on the GPU instead of the host
     full = memory_estimate(cfg, shapes, 64, 3, bf16=True)["engine"]
     assert full["cpu_gib"] == pytest.approx(shapes.params * 2 / 64 / 2**30)  # the reference's shard, offloaded
     assert 5 < full["gpu_gib"] < 40  # an 8B full fine-tune on 64 GPUs: bench/SCALING.md's "room to spare"

@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sempa-train: {'config error: ' if isinstance(e, ConfigError) else ''}{e}", file=sys.stderr)
         return 2
     if launched_by_launcher() or nproc == 1:
-        from sempa_dist.train import run
+        from sempa_dist.train import exit_code
 
-        return run(cfg)
+        return exit_code(cfg)
     # the ranks are started and watched here, not by torchrun: its rendezvous store would listen on
     # every interface (sempa_dist/local_launch.py)
     cmd = [sys.executable, "-m", "sempa_dist.train", *([config] if config else []), *overrides]

@@ -341,6 +341,17 @@ SUFFIX = {"csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "json": ".json", "jso
 SKIP_HINT = "(set data.on_bad_row=skip to skip such rows)"
 
 
+def error_then_skip(path, where: str):
+    """The bad row fails the load with one message starting `where` (value shortened); skipping it, the
+    load goes on: (triplets, report) of data.on_bad_row=skip."""
+    with pytest.raises(DataError) as ei:
+        load_triplets(file_cfg(path))
+    msg = str(ei.value)
+    assert msg.startswith(where) and msg.endswith(SKIP_HINT)
+    assert len(msg) < len(where) + 150  # the value is shortened
+    return load_triplets(file_cfg(path, on_bad_row="skip"))
+
+
 def write_table(tmp_path: Path, fmt: str, rows: list[list], header: list[str] = HEADER) -> Path:
     """`rows` (cells: str or None) in `fmt`; JSON is pretty-printed (items span lines) and \\u-escaped."""
     path = tmp_path / f"rows{SUFFIX[fmt]}"
@@ -386,12 +397,7 @@ def test_bad_sentence_names_file_row_and_column_in_every_format(tmp_path, fmt, c
     rows[2][1] = value
     path = write_table(tmp_path, fmt, rows)
     where = f"{path}:{loc(path, fmt, 2)}: column 'sent1': {why}"
-    with pytest.raises(DataError) as ei:
-        load_triplets(file_cfg(path))
-    msg = str(ei.value)
-    assert msg.startswith(where) and msg.endswith(SKIP_HINT)
-    assert len(msg) < len(where) + 150  # the value is shortened
-    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    triplets, report = error_then_skip(path, where)
     assert [t["anchor"] for t in triplets] == [GOOD[0][0], GOOD[1][0], GOOD[3][0]]
     assert (report.rows_read, report.kept) == (4, 3)
     assert list(report.dropped.values()) == [1] and next(iter(report.dropped)).startswith(why)
@@ -713,12 +719,7 @@ def test_swift_bad_row_names_file_row_and_field(tmp_path, fmt, case):
         where = f"{path}:{starts[2]}: item 3: column {col!r}: {why}"
     else:
         where = f"{path}:3: column {col!r}: {why}"
-    with pytest.raises(DataError) as ei:
-        load_triplets(file_cfg(path))
-    msg = str(ei.value)
-    assert msg.startswith(where) and msg.endswith(SKIP_HINT)
-    assert len(msg) < len(where) + 150  # the value is shortened
-    triplets, report = load_triplets(file_cfg(path, on_bad_row="skip"))
+    triplets, report = error_then_skip(path, where)
     assert [t["chosen"] for t in triplets] == [GOOD[0][1], GOOD[1][1], GOOD[3][1]]
     assert (report.rows_read, report.kept) == (4, 3)
     assert report.dropped == {why: 1}
