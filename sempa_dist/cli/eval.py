@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,10 +24,6 @@ from sempa_dist.config import DEFAULT_EMBED_PROMPT
 GENERATION_REFERENCE = "smollm2-135m-instruct"
 # lm-eval's task spec of the paper; a literal here so that --help never imports the harness module
 PAPER_TASKS = "mmlu:5,gsm8k_cot:8,drop:3,truthfulqa_mc1:0,hellaswag:0"
-# MLflow's HTTP defaults retry a dead server for minutes; the results are on disk by then, so a
-# short try is enough (the values sempa_dist.tracking uses; the environment still wins)
-MLFLOW_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-                   "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -230,22 +225,22 @@ def log_lm_eval(run_dir: Path, report: dict) -> bool:
         print(f"sempa-eval: lm-eval scores not logged to MLflow: {where}")
         return False
     uri, run_id = where
-    for k, v in MLFLOW_HTTP_ENV.items():
-        os.environ.setdefault(k, v)
     try:
         from mlflow.entities import Metric, RunTag
-        from mlflow.tracking import MlflowClient
 
         from sempa_dist.eval.harness import mlflow_metrics
+
+        # the tracker's client: short HTTP timeouts (the results are on disk already), its batch limit
+        from sempa_dist.tracking.store import MAX_METRICS, open_client
 
         summary = json.loads((run_dir / "summary.json").read_text())
         step, ts = int(summary.get("steps") or 0), int(time.time() * 1000)
         metrics = [Metric(k, v, ts, step) for k, v in mlflow_metrics(report).items()]
         tags = [RunTag("lm_eval.tasks", ",".join(report["tasks"])), RunTag("lm_eval.limit", str(report["limit"])),
                 RunTag("lm_eval.version", report["lm_eval_version"])]
-        client = MlflowClient(tracking_uri=uri)
-        for i in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a call
-            client.log_batch(run_id, metrics=metrics[i : i + 1000], tags=tags if i == 0 else [])
+        client = open_client(uri)
+        for i in range(0, len(metrics), MAX_METRICS):
+            client.log_batch(run_id, metrics=metrics[i : i + MAX_METRICS], tags=tags if i == 0 else [])
         if not metrics:
             client.log_batch(run_id, tags=tags)
         client.log_dict(run_id, report, "lm_eval.json")
