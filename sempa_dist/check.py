@@ -24,10 +24,8 @@ It is an estimate to catch an order-of-magnitude mistake, not an allocator's fig
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sempa_dist.config import Config
@@ -145,11 +143,10 @@ def step_plan(cfg: Config, examples: list, world_size: int, sharing: bool, max_s
 
 def policy_stage(cfg: Config) -> int:
     """The ZeRO stage of the policy's DeepSpeed config."""
-    from sempa_dist.paths import REPO_ROOT
+    from sempa_dist.engines import read_ds_config
 
-    path = Path(cfg.deepspeed.policy_config)
-    path = path if path.is_absolute() or path.is_file() else REPO_ROOT / path
-    return int(json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0))
+    raw, _ = read_ds_config(cfg.deepspeed.policy_config)
+    return int(raw.get("zero_optimization", {}).get("stage", 0))
 
 
 def check_run(cfg: Config, world_size: int) -> dict[str, Any]:

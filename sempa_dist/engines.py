@@ -39,17 +39,23 @@ def training_dtype(cfg: Config, device_type: str) -> torch.dtype:
     return torch.bfloat16 if device_type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_ds_config(path: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config and fill its "auto" values; an unfillable "auto" is an error."""
+def read_ds_config(path: str) -> tuple[dict[str, Any], Path]:
+    """A DeepSpeed JSON config as written (its "auto" values unfilled) and the file it came from: `path`
+    as given, else relative to the repository."""
     p = Path(path)
     if not p.is_absolute() and not p.is_file():
         p = REPO_ROOT / path
     if not p.is_file():
         raise ConfigError(f"deepspeed config not found: {path}")
     try:
-        raw = json.loads(p.read_text())
+        return json.loads(p.read_text()), p
     except json.JSONDecodeError as e:
         raise ConfigError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def load_ds_config(path: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config and fill its "auto" values; an unfillable "auto" is an error."""
+    raw, p = read_ds_config(path)
     return fill_auto(raw, values, str(p))
 
 
